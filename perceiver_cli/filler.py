@@ -1,0 +1,328 @@
+"""Fill the masked spans of texts: the public Python API.
+
+    filler = MaskFiller.from_pretrained("deepmind/language-perceiver")
+    result = filler.fill("This is an incomplete sentence where some words are [MASK:9]")
+    result.text, result.spans[0].fill
+
+How a text becomes model passes:
+
+1. `masks.parse` cuts the text at its markers into literal bytes and spans.
+2. Spans of auto length (`[MASK]`) get a length (`_choose_lengths`).
+3. The document's bytes, spans masked, are cut into windows of at most
+   `max_position_embeddings - 2` bytes (room for `[CLS]` and `[SEP]`). A document that
+   fits is one window: exactly the reference's input. A longer one gets a window per
+   group of nearby spans, centred on the group, holding as much context as fits.
+4. A strategy fills every window's spans with batched forward passes (`_Runner`).
+   `oneshot`: every masked byte is the argmax over the 256 byte ids of one pass,
+   which reproduces the reference exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import masks, tokenizer
+from .errors import InputError
+from .model import PerceiverMaskedLM
+
+DEFAULT_MODEL = "deepmind/language-perceiver"
+STRATEGIES = ("oneshot",)
+DEFAULT_STRATEGY = "oneshot"
+DEFAULT_MAX_SPAN = 16  # longest span `[MASK]` may choose, in bytes
+DEFAULT_BATCH_SIZE = 8  # windows per forward pass
+EXPLAIN_TOP = 5  # alternatives kept per masked byte
+
+
+@dataclass
+class Candidate:
+    """One whole-span alternative."""
+
+    data: bytes
+    logprob: float  # sum over its bytes of log_softmax over the full vocabulary
+
+    @property
+    def fill(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+    def to_dict(self) -> dict:
+        return {"fill": self.fill, "bytes": list(self.data), "logprob": round(self.logprob, 6)}
+
+
+@dataclass
+class SpanResult:
+    start: int  # character offset of the marker in the input
+    length: int  # bytes
+    data: bytes  # the chosen fill
+    logprob: float
+    byte_logprobs: list[float]  # log-probability of each chosen byte
+    alternatives: list[list[tuple[int, float]]]  # per byte: the top bytes and their log-probabilities
+    candidates: list[Candidate] = field(default_factory=list)  # best first; [0] is the fill itself
+
+    @property
+    def fill(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+    def to_dict(self, top_k: int = 0) -> dict:
+        d = {"start": self.start, "length": self.length, "fill": self.fill, "bytes": list(self.data),
+             "logprob": round(self.logprob, 6)}
+        if top_k:
+            d["candidates"] = [c.to_dict() for c in self.candidates[:top_k]]
+        return d
+
+
+@dataclass
+class FillResult:
+    data: bytes  # the whole filled text, every byte outside the spans unchanged
+    spans: list[SpanResult]
+    pieces: tuple[bytes, ...] = ()  # the literal bytes around the spans (for rendering)
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+    def to_dict(self, top_k: int = 0) -> dict:
+        return {"text": self.text, "spans": [s.to_dict(top_k) for s in self.spans]}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA, then MPS, then the CPU; a named device must be available."""
+    name = (name or "auto").lower()
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if name.startswith("cuda") and not cuda:
+        raise InputError(f"device {name!r} is not available on this machine (use --device cpu or auto)")
+    if name == "mps" and not mps:
+        raise InputError("device 'mps' is not available on this machine (use --device cpu or auto)")
+    return torch.device(name)
+
+
+class _Runner:
+    """Batched forward passes: (ids, positions) pairs in, log-probabilities out."""
+
+    def __init__(self, model: PerceiverMaskedLM, device: torch.device, batch_size: int):
+        self.model, self.device, self.batch_size = model, device, max(1, batch_size)
+        self.passes = 0  # forward passes run, for measurements
+
+    @torch.inference_mode()
+    def __call__(self, jobs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+        """For each (ids, positions): log_softmax over the vocabulary at those positions, (M, V) fp32."""
+        out: list[torch.Tensor | None] = [None] * len(jobs)
+        order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0]))  # similar lengths share a batch
+        for b in range(0, len(order), self.batch_size):
+            chunk = order[b : b + self.batch_size]
+            n = max(len(jobs[j][0]) for j in chunk)
+            m = max(len(jobs[j][1]) for j in chunk)
+            ids = torch.full((len(chunk), n), tokenizer.PAD, dtype=torch.long)
+            mask = torch.zeros((len(chunk), n), dtype=torch.bool)
+            pos = torch.zeros((len(chunk), m), dtype=torch.long)
+            for row, j in enumerate(chunk):
+                job_ids, job_pos = jobs[j]
+                ids[row, : len(job_ids)] = torch.tensor(job_ids)
+                mask[row, : len(job_ids)] = True
+                pos[row, : len(job_pos)] = torch.tensor(job_pos)
+            padded = any(len(jobs[j][0]) < n for j in chunk)
+            logits = self.model(ids.to(self.device), mask.to(self.device) if padded else None, pos.to(self.device))
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            self.passes += 1
+            for row, j in enumerate(chunk):
+                out[j] = logp[row, : len(jobs[j][1])]
+        return out  # type: ignore[return-value]
+
+
+@dataclass
+class _Window:
+    """One model input: a slice of a document with some of its spans to fill."""
+
+    text: int  # index of the text it belongs to
+    ids: list[int]  # [CLS] bytes-with-masks [SEP]
+    targets: list[tuple[int, int]]  # (span index, first position in ids) of the spans it fills
+    lengths: list[int]
+
+
+class MaskFiller:
+    """Fills `[MASK]` / `[MASK:N]` spans with a Perceiver IO masked language model."""
+
+    def __init__(self, model: PerceiverMaskedLM, device: torch.device | str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE):
+        self.model = model
+        self.device = torch.device(device)
+        self.window = model.cfg.max_position_embeddings - 2  # bytes; [CLS] and [SEP] take two positions
+        self.runner = _Runner(model, self.device, batch_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        offline: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> "MaskFiller":
+        """Load a local checkpoint directory or a Hub repo id (downloaded once, then cached)."""
+        from .checkpoint import load_model
+        from .hub import resolve_model
+
+        dev = pick_device(device)
+        directory = resolve_model(model, revision=revision, offline=offline)
+        return cls(load_model(directory, device=dev), dev, batch_size)
+
+    # -- public API ---------------------------------------------------------------------
+
+    def fill(self, text: str, **options) -> FillResult:
+        """Fill every marker of one document. Raises `InputError` for bad markers."""
+        result = self.fill_many([text], return_errors=True, **options)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def fill_many(
+        self,
+        texts: list[str],
+        *,
+        strategy: str = DEFAULT_STRATEGY,
+        top_k: int = 1,
+        max_span: int = DEFAULT_MAX_SPAN,
+        mask_token: str = masks.DEFAULT_MASK_TOKEN,
+        return_errors: bool = False,
+    ) -> list[FillResult | InputError]:
+        """Fill independent texts, batched; results in input order.
+
+        With `return_errors`, a text that cannot be filled gets its `InputError` in its
+        place and the others go on; otherwise the first such error is raised.
+        """
+        if strategy not in STRATEGIES:
+            raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if top_k < 1:
+            raise InputError("top-k must be at least 1")
+        if not 1 <= max_span <= self.window:
+            raise InputError(f"max-span must be between 1 and {self.window} bytes")
+        results: list = [None] * len(texts)
+        templates: dict[int, masks.Template] = {}
+        for i, text in enumerate(texts):
+            try:
+                templates[i] = self._check(masks.parse(text, mask_token))
+            except InputError as e:
+                if not return_errors:
+                    raise
+                results[i] = e
+        lengths = self._choose_lengths(templates, max_span)
+        windows = [w for i, t in templates.items() for w in self._windows(i, t, lengths[i])]
+        logps = self.runner([(w.ids, _positions(w)) for w in windows])
+        spans: dict[int, list] = {i: [None] * len(t.spans) for i, t in templates.items()}
+        for w, logp in zip(windows, logps):
+            offset = 0
+            for (s, _), n in zip(w.targets, w.lengths):
+                spans[w.text][s] = self._span_result(templates[w.text].spans[s], logp[offset : offset + n], top_k)
+                offset += n
+        for i, t in templates.items():
+            results[i] = FillResult(t.render([s.data for s in spans[i]]), spans[i], t.pieces)
+        return results
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _check(self, template: masks.Template) -> masks.Template:
+        for span in template.spans:
+            if span.length is not None and span.length > self.window:
+                raise InputError(
+                    f"[MASK:{span.length}] at character {span.start} is longer than the model's "
+                    f"{self.window}-byte window"
+                )
+        return template
+
+    def _choose_lengths(self, templates: dict[int, masks.Template], max_span: int) -> dict[int, list[int]]:
+        """Byte lengths of every span; `[MASK]` spans get the first word of a probe fill.
+
+        Provisional rule: fill `max_span` masked bytes in one pass and keep the leading
+        space (when the marker absorbed one) plus the bytes up to the next space or line end.
+        """
+        lengths = {i: [s.length if s.length is not None else max_span for s in t.spans] for i, t in templates.items()}
+        probes = {i: [k for k, s in enumerate(t.spans) if s.length is None] for i, t in templates.items()}
+        probes = {i: ks for i, ks in probes.items() if ks}
+        if not probes:
+            return lengths
+        windows = [w for i in probes for w in self._windows(i, templates[i], lengths[i])]
+        logps = self.runner([(w.ids, _positions(w)) for w in windows])
+        for w, logp in zip(windows, logps):
+            offset = 0
+            for (s, _), n in zip(w.targets, w.lengths):
+                span = templates[w.text].spans[s]
+                if span.length is None:
+                    best = bytes((logp[offset : offset + n, tokenizer.NUM_SPECIAL :].argmax(-1)).tolist())
+                    lengths[w.text][s] = _first_word_length(best, span.space)
+                offset += n
+        return lengths
+
+    def _windows(self, index: int, template: masks.Template, lengths: list[int]) -> list[_Window]:
+        """Model inputs covering every span of one text (see the module docstring)."""
+        ids: list[int] = []
+        starts: list[int] = []  # byte offset of each span in the document
+        for piece, n in zip(template.pieces, lengths):
+            ids += [b + tokenizer.NUM_SPECIAL for b in piece]
+            starts.append(len(ids))
+            ids += [tokenizer.MASK] * n
+        ids += [b + tokenizer.NUM_SPECIAL for b in template.pieces[-1]]
+        groups: list[list[int]] = []
+        for s in range(len(lengths)):
+            if groups and starts[s] + lengths[s] - starts[groups[-1][0]] <= self.window:
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+        windows = []
+        for group in groups:
+            first, last = group[0], group[-1]
+            lo, hi = starts[first], starts[last] + lengths[last]
+            begin = max(0, min(lo - (self.window - (hi - lo)) // 2, len(ids) - self.window))
+            chunk = ids[begin : begin + self.window]
+            windows.append(_Window(
+                text=index,
+                ids=[tokenizer.CLS, *chunk, tokenizer.SEP],
+                targets=[(s, starts[s] - begin + 1) for s in group],
+                lengths=[lengths[s] for s in group],
+            ))
+        return windows
+
+    def _span_result(self, span: masks.Span, logp: torch.Tensor, top_k: int) -> SpanResult:
+        """logp: (n, V) log-probabilities of one span's positions."""
+        byte_logp = logp[:, tokenizer.NUM_SPECIAL :]  # (n, 256): never emit a special id
+        best, chosen = byte_logp.max(-1)
+        top = byte_logp.topk(min(max(EXPLAIN_TOP, top_k), 256), dim=-1)
+        alternatives = [list(zip(ix.tolist(), lp.tolist()))[:EXPLAIN_TOP] for lp, ix in zip(top.values, top.indices)]
+        data = bytes(chosen.tolist())
+        return SpanResult(
+            start=span.start,
+            length=len(data),
+            data=data,
+            logprob=float(best.sum()),
+            byte_logprobs=best.tolist(),
+            alternatives=alternatives,
+            candidates=_k_best(top.values, top.indices, top_k),
+        )
+
+
+def _positions(w: _Window) -> list[int]:
+    return [p + k for (_, p), n in zip(w.targets, w.lengths) for k in range(n)]
+
+
+def _first_word_length(probe: bytes, space: bool) -> int:
+    start = 1 if space else 0
+    while start < len(probe) and probe[start : start + 1] == b" ":  # a run of spaces is not a word
+        start += 1
+    end = start
+    while end < len(probe) and probe[end : end + 1] not in (b" ", b"\n", b"\r", b"\t"):
+        end += 1
+    return max(1, end)
+
+
+def _k_best(values: torch.Tensor, indices: torch.Tensor, k: int) -> list[Candidate]:
+    """The k most probable whole spans when bytes are independent (exact k-best of a sum)."""
+    beam: list[tuple[float, bytes]] = [(0.0, b"")]
+    for lp, ix in zip(values[:, :k].tolist(), indices[:, :k].tolist()):
+        beam = sorted(((s + v, seq + bytes([b])) for s, seq in beam for v, b in zip(lp, ix)), key=lambda t: -t[0])[:k]
+    return [Candidate(seq, score) for score, seq in beam]
+

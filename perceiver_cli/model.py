@@ -1,0 +1,222 @@
+"""A compact Perceiver IO masked language model.
+
+It computes exactly what the reference implementation (transformers'
+`PerceiverForMaskedLM`) computes for the same weights, with two differences that
+change no result:
+
+- the input is not padded to `max_position_embeddings`: the encoder attends to the
+  real bytes only (padding is needed only to batch texts of different lengths, and
+  the encoder mask makes it exact);
+- the decoder runs only the queries of the positions the caller asks for. Decoder
+  queries never attend to each other, so decoding a subset gives the same logits.
+
+Modules come in dependency order: attention -> MLP -> layer -> model. Our own short
+parameter names are translated from the reference layout by `checkpoint.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The decoder's attention shape is hard-coded by the reference (`PerceiverForMaskedLM`),
+# whatever the config says.
+DECODER_QK_CHANNELS = 8 * 32
+DECODER_HEADS = 8
+
+
+@dataclass
+class PerceiverConfig:
+    """Hyper-parameters; the defaults are those of `deepmind/language-perceiver`."""
+
+    vocab_size: int = 262  # 256 bytes + 6 special ids ([PAD] [BOS] [EOS] [MASK] [CLS] [SEP])
+    max_position_embeddings: int = 2048  # input and decoder position tables
+    d_model: int = 768  # width of byte embeddings and decoder queries
+    num_latents: int = 256  # the latent array the encoder compresses the input into
+    d_latents: int = 1280  # width of each latent
+    num_blocks: int = 1  # times the SAME self-attention stack is applied (shared weights)
+    num_self_attends_per_block: int = 26  # self-attention layers in the stack
+    num_self_attention_heads: int = 8
+    num_cross_attention_heads: int = 8
+    qk_channels: int | None = 256  # None: derived as the reference does (see below)
+    v_channels: int | None = 1280  # None: derived as the reference does
+    cross_attention_shape_for_attention: str = "kv"  # which side sizes qk when qk_channels is None
+    self_attention_widening_factor: int = 1  # MLP hidden = factor * width
+    cross_attention_widening_factor: int = 1
+    use_query_residual: bool = True  # encoder cross-attention adds its query (the latents)
+    hidden_act: str = "gelu"  # exact (erf) GELU; the only activation the checkpoint uses
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PerceiverConfig":
+        """Build from a reference `config.json` dict; unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "PerceiverConfig":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # Channel counts resolved exactly as the reference resolves them.
+    @property
+    def encoder_cross_qk(self) -> int:
+        if self.qk_channels is not None:
+            return self.qk_channels
+        return self.d_latents if self.cross_attention_shape_for_attention == "q" else self.d_model
+
+    @property
+    def encoder_cross_v(self) -> int:
+        return self.v_channels if self.v_channels is not None else self.encoder_cross_qk
+
+    @property
+    def self_qk(self) -> int:
+        return self.qk_channels if self.qk_channels is not None else self.d_latents
+
+    @property
+    def self_v(self) -> int:
+        return self.v_channels if self.v_channels is not None else self.self_qk
+
+    def validate(self) -> None:
+        if self.hidden_act != "gelu":
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (only 'gelu')")
+        if self.cross_attention_shape_for_attention not in ("q", "kv"):
+            raise ValueError("cross_attention_shape_for_attention must be 'q' or 'kv'")
+        if self.self_v != self.d_latents:
+            raise ValueError("v_channels must equal d_latents (the self-attention residual needs it)")
+        checks = [
+            (self.encoder_cross_qk, self.num_cross_attention_heads),
+            (self.encoder_cross_v, self.num_cross_attention_heads),
+            (self.self_qk, self.num_self_attention_heads),
+            (self.self_v, self.num_self_attention_heads),
+            (self.d_model, DECODER_HEADS),
+        ]
+        for channels, heads in checks:
+            if channels % heads:
+                raise ValueError(f"{channels} channels are not divisible by {heads} heads")
+
+
+class Attention(nn.Module):
+    """Multi-head attention with pre-LayerNorm, as the reference's `PerceiverAttention`.
+
+    Cross-attention (kv_dim given) normalises query and context separately; self-attention
+    takes keys and values from the normalised query input.
+    """
+
+    def __init__(self, q_dim: int, kv_dim: int | None, qk: int, v: int, out: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_q = nn.LayerNorm(q_dim)  # reference eps is PyTorch's default 1e-5
+        self.ln_kv = nn.LayerNorm(kv_dim) if kv_dim is not None else None
+        kv_in = kv_dim if kv_dim is not None else q_dim
+        self.q = nn.Linear(q_dim, qk)
+        self.k = nn.Linear(kv_in, qk)
+        self.v = nn.Linear(kv_in, v)
+        self.o = nn.Linear(v, out)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        # x: (B, M, q_dim); ctx: (B, N, kv_dim) or None; bias: (B, 1, 1, N), dtype-min on padding
+        B, M, _ = x.shape
+        x = self.ln_q(x)
+        ctx = x if self.ln_kv is None else self.ln_kv(ctx)
+        N = ctx.shape[1]
+        q = self.q(x).view(B, M, self.heads, -1).transpose(1, 2)  # (B, h, M, qk/h)
+        k = self.k(ctx).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, qk/h)
+        v = self.v(ctx).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, v/h)
+        # The reference's order of operations (scale after the product, additive mask),
+        # so that our logits agree with its logits to the last bits.
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, M, N)
+        if bias is not None:
+            scores = scores + bias
+        y = scores.softmax(-1) @ v  # (B, h, M, v/h)
+        y = y.transpose(1, 2).reshape(B, M, -1)  # (B, M, v)
+        return self.o(y)  # (B, M, out)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, widening: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, widening * dim)
+        self.fc2 = nn.Linear(widening * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact GELU, as ACT2FN["gelu"]
+
+
+class Layer(nn.Module):
+    """Attention (+ optional query residual), then LayerNorm + MLP + residual."""
+
+    def __init__(self, attn: Attention, dim: int, widening: int, query_residual: bool):
+        super().__init__()
+        self.attn = attn
+        self.query_residual = query_residual
+        self.ln = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, widening)
+
+    def forward(self, x, ctx=None, bias=None):
+        y = self.attn(x, ctx, bias)
+        if self.query_residual:
+            y = y + x
+        return y + self.mlp(self.ln(y))
+
+
+class PerceiverMaskedLM(nn.Module):
+    def __init__(self, cfg: PerceiverConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # tied to the output projection
+        self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.d_model)
+        self.latents = nn.Parameter(torch.empty(cfg.num_latents, cfg.d_latents))
+        cross = Attention(
+            cfg.d_latents, cfg.d_model, cfg.encoder_cross_qk, cfg.encoder_cross_v,
+            cfg.d_latents, cfg.num_cross_attention_heads,
+        )
+        self.encoder_cross = Layer(cross, cfg.d_latents, cfg.cross_attention_widening_factor, cfg.use_query_residual)
+        self.layers = nn.ModuleList(
+            Layer(
+                Attention(cfg.d_latents, None, cfg.self_qk, cfg.self_v, cfg.self_v, cfg.num_self_attention_heads),
+                cfg.d_latents, cfg.self_attention_widening_factor, query_residual=True,
+            )
+            for _ in range(cfg.num_self_attends_per_block)
+        )
+        self.queries = nn.Parameter(torch.empty(cfg.max_position_embeddings, cfg.d_model))
+        dec = Attention(cfg.d_model, cfg.d_latents, DECODER_QK_CHANNELS, cfg.d_model, cfg.d_model, DECODER_HEADS)
+        self.decoder_cross = Layer(dec, cfg.d_model, 1, query_residual=False)
+        self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids: (B, N) token ids; mask: (B, N) bool, True on real tokens. Returns z (B, L, d_latents)."""
+        B, N = ids.shape
+        x = self.embed(ids) + self.pos_embed.weight[:N]  # (B, N, d_model)
+        bias = None
+        if mask is not None:  # padding gets the dtype's minimum, as in the reference
+            bias = (~mask[:, None, None, :]).to(x.dtype) * torch.finfo(x.dtype).min  # (B, 1, 1, N)
+        z = self.encoder_cross(self.latents.expand(B, -1, -1), x, bias)  # (B, L, d_latents)
+        for _ in range(self.cfg.num_blocks):  # num_blocks repeats the same layers
+            for layer in self.layers:
+                z = layer(z)
+        return z
+
+    def decode(self, z: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """z: (B, L, d_latents); positions: (B, M) long. Returns logits (B, M, vocab)."""
+        q = self.queries[positions]  # (B, M, d_model)
+        y = self.decoder_cross(q, z)  # (B, M, d_model)
+        return y @ self.embed.weight.T + self.out_bias  # (B, M, vocab)
+
+    def forward(self, ids, mask=None, positions=None):
+        """Logits at `positions` (B, M); all input positions when None."""
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        return self.decode(self.encode(ids, mask), positions)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
