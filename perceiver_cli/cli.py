@@ -1,7 +1,7 @@
 """The `perceiver` command: parse options, read input, call the library, render results.
 
 torch is imported only by the commands that run the model, so `--help` and
-`--version` start fast.
+`--version` start fast. Results go to stdout; everything else to stderr.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -37,22 +38,38 @@ def main_callback(
     """Fill masked text with DeepMind's byte-level Perceiver IO language model."""
 
 
+# Options shared by the commands that load a model.
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", envvar="PERCEIVER_MODEL", help="Hub repo id or local checkpoint directory.")
+RevisionOpt = typer.Option(None, "--revision", help="Hub branch, tag or commit.")
+OfflineOpt = typer.Option(False, "--offline", help="Never use the network: the cache or a local directory only.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+
+
 @app.command()
 def fill(
     text: Optional[str] = typer.Argument(None, help="Text with [MASK] / [MASK:N] markers; '-' or nothing reads stdin."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", envvar="PERCEIVER_MODEL", help="Hub repo id or local directory."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
+    model: str = ModelOpt,
+    revision: Optional[str] = RevisionOpt,
     strategy: str = typer.Option("oneshot", "--strategy", help="How spans are filled."),
     top_k: int = typer.Option(1, "--top-k", "-k", help="Candidates per span."),
-    as_json: bool = typer.Option(False, "--json", help="Write a JSON object instead of text."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    offline: bool = typer.Option(False, "--offline", help="Never use the network."),
+    max_span: int = typer.Option(16, "--max-span", help="Longest span [MASK] may choose, in bytes."),
+    mask_token: str = typer.Option("[MASK]", "--mask-token", help="The marker literal."),
+    as_json: bool = typer.Option(False, "--json", help="Write JSON (JSON Lines with --batch)."),
+    explain: bool = typer.Option(False, "--explain", help="Show each masked byte's top candidates."),
+    device: str = DeviceOpt,
+    offline: bool = OfflineOpt,
+    batch: Optional[str] = typer.Option(None, "--batch", help="Fill each line of FILE ('-' = stdin) independently."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Texts per forward pass."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --batch: write to FILE instead of stdout."),
+    resume: bool = typer.Option(False, "--resume", help="With --batch -o FILE: skip lines already written."),
 ):
     """Fill the masked spans of a text.
 
     \b
     perceiver fill "This is an incomplete sentence where some words are [MASK]."
     perceiver fill --json "words are [MASK:9]"
+    cat draft.txt | perceiver fill
+    perceiver fill --batch sentences.txt --json
     """
     from .errors import PerceiverError
     from .filler import MaskFiller
@@ -61,7 +78,7 @@ def fill(
         text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
     try:
         filler = MaskFiller.from_pretrained(model, revision=revision, device=device, offline=offline)
-        result = filler.fill(text, strategy=strategy, top_k=top_k)
+        result = filler.fill(text, strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token)
     except PerceiverError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code)
@@ -69,6 +86,38 @@ def fill(
         sys.stdout.write(json.dumps(result.to_dict(top_k if top_k > 1 else 0), ensure_ascii=False) + "\n")
     else:
         sys.stdout.buffer.write(result.data + b"\n")
+
+
+@app.command()
+def download(
+    model: str = ModelOpt,
+    revision: Optional[str] = RevisionOpt,
+):
+    """Fetch a model ahead of time and print where it lives and its size.
+
+    \b
+    perceiver download
+    perceiver download --model deepmind/language-perceiver --revision main
+    """
+    typer.echo("error: not implemented yet", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def info(
+    model: str = ModelOpt,
+    revision: Optional[str] = RevisionOpt,
+    offline: bool = OfflineOpt,
+    device: str = DeviceOpt,
+):
+    """Show the resolved model, revision, cache path, size, parameter count and device.
+
+    \b
+    perceiver info
+    perceiver info --model ./my-checkpoint
+    """
+    typer.echo("error: not implemented yet", err=True)
+    raise typer.Exit(1)
 
 
 def main():
