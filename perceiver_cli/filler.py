@@ -12,9 +12,9 @@ How a text becomes model passes:
    `max_position_embeddings - 2` bytes (room for `[CLS]` and `[SEP]`). A document that
    fits is one window: exactly the reference's input. A longer one gets a window per
    group of nearby spans, centred on the group, holding as much context as fits.
-4. A strategy fills every window's spans with batched forward passes (`_Runner`).
-   `oneshot`: every masked byte is the argmax over the 256 byte ids of one pass,
-   which reproduces the reference exactly.
+4. A strategy (`strategies.py`) fills every window's spans with forward passes that
+   `_Runner` batches. `oneshot`: every masked byte is the argmax over the 256 byte ids
+   of one pass, which reproduces the reference exactly.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import masks, tokenizer
+from . import masks, strategies, tokenizer
 from .errors import InputError
 from .model import PerceiverMaskedLM
 
 DEFAULT_MODEL = "deepmind/language-perceiver"
-STRATEGIES = ("oneshot",)
-DEFAULT_STRATEGY = "oneshot"
+DEFAULT_STRATEGY = strategies.DEFAULT_STRATEGY
 DEFAULT_MAX_SPAN = 16  # longest span `[MASK]` may choose, in bytes
 DEFAULT_BATCH_SIZE = 8  # windows per forward pass
 EXPLAIN_TOP = 5  # alternatives kept per masked byte
@@ -135,16 +134,6 @@ class _Runner:
         return out  # type: ignore[return-value]
 
 
-@dataclass
-class _Window:
-    """One model input: a slice of a document with some of its spans to fill."""
-
-    text: int  # index of the text it belongs to
-    ids: list[int]  # [CLS] bytes-with-masks [SEP]
-    targets: list[tuple[int, int]]  # (span index, first position in ids) of the spans it fills
-    lengths: list[int]
-
-
 class MaskFiller:
     """Fills `[MASK]` / `[MASK:N]` spans with a Perceiver IO masked language model."""
 
@@ -196,8 +185,8 @@ class MaskFiller:
         With `return_errors`, a text that cannot be filled gets its `InputError` in its
         place and the others go on; otherwise the first such error is raised.
         """
-        if strategy not in STRATEGIES:
-            raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if strategy not in strategies.STRATEGIES:
+            raise InputError(f"unknown strategy {strategy!r}: choose one of {', '.join(strategies.STRATEGIES)}")
         if top_k < 1:
             raise InputError("top-k must be at least 1")
         if not 1 <= max_span <= self.window:
@@ -211,16 +200,24 @@ class MaskFiller:
                 if not return_errors:
                     raise
                 results[i] = e
-        lengths = self._choose_lengths(templates, max_span)
-        windows = [w for i, t in templates.items() for w in self._windows(i, t, lengths[i])]
-        logps = self.runner([(w.ids, _positions(w)) for w in windows])
-        spans: dict[int, list] = {i: [None] * len(t.spans) for i, t in templates.items()}
-        for w, logp in zip(windows, logps):
-            offset = 0
-            for (s, _), n in zip(w.targets, w.lengths):
-                spans[w.text][s] = self._span_result(templates[w.text].spans[s], logp[offset : offset + n], top_k)
-                offset += n
-        for i, t in templates.items():
+        order = list(templates)
+        requests = [
+            strategies.LengthRequest(
+                lengths=[s.length for s in templates[i].spans],
+                space=[s.space for s in templates[i].spans],
+                make_jobs=lambda lengths, t=templates[i]: self._jobs(t, lengths),
+            )
+            for i in order
+        ]
+        lengths = strategies.choose_lengths(self.runner, requests, max_span)
+        jobs = [(i, job) for i, n in zip(order, lengths) for job in self._jobs(templates[i], n)]
+        fills = strategies.STRATEGIES[strategy](self.runner, [job for _, job in jobs], top_k)
+        spans: dict[int, list] = {i: [None] * len(templates[i].spans) for i in order}
+        for (i, job), job_fills in zip(jobs, fills):
+            for s, f in zip(job.targets, job_fills):
+                spans[i][s] = _span_result(templates[i].spans[s], f)
+        for i in order:
+            t = templates[i]
             results[i] = FillResult(t.render([s.data for s in spans[i]]), spans[i], t.pieces)
         return results
 
@@ -235,31 +232,8 @@ class MaskFiller:
                 )
         return template
 
-    def _choose_lengths(self, templates: dict[int, masks.Template], max_span: int) -> dict[int, list[int]]:
-        """Byte lengths of every span; `[MASK]` spans get the first word of a probe fill.
-
-        Provisional rule: fill `max_span` masked bytes in one pass and keep the leading
-        space (when the marker absorbed one) plus the bytes up to the next space or line end.
-        """
-        lengths = {i: [s.length if s.length is not None else max_span for s in t.spans] for i, t in templates.items()}
-        probes = {i: [k for k, s in enumerate(t.spans) if s.length is None] for i, t in templates.items()}
-        probes = {i: ks for i, ks in probes.items() if ks}
-        if not probes:
-            return lengths
-        windows = [w for i in probes for w in self._windows(i, templates[i], lengths[i])]
-        logps = self.runner([(w.ids, _positions(w)) for w in windows])
-        for w, logp in zip(windows, logps):
-            offset = 0
-            for (s, _), n in zip(w.targets, w.lengths):
-                span = templates[w.text].spans[s]
-                if span.length is None:
-                    best = bytes((logp[offset : offset + n, tokenizer.NUM_SPECIAL :].argmax(-1)).tolist())
-                    lengths[w.text][s] = _first_word_length(best, span.space)
-                offset += n
-        return lengths
-
-    def _windows(self, index: int, template: masks.Template, lengths: list[int]) -> list[_Window]:
-        """Model inputs covering every span of one text (see the module docstring)."""
+    def _jobs(self, template: masks.Template, lengths: list[int]) -> list[strategies.Job]:
+        """Model inputs (windows) covering every span of one text (see the module docstring)."""
         ids: list[int] = []
         starts: list[int] = []  # byte offset of each span in the document
         for piece, n in zip(template.pieces, lengths):
@@ -273,56 +247,29 @@ class MaskFiller:
                 groups[-1].append(s)
             else:
                 groups.append([s])
-        windows = []
+        jobs = []
         for group in groups:
             first, last = group[0], group[-1]
             lo, hi = starts[first], starts[last] + lengths[last]
             begin = max(0, min(lo - (self.window - (hi - lo)) // 2, len(ids) - self.window))
             chunk = ids[begin : begin + self.window]
-            windows.append(_Window(
-                text=index,
+            jobs.append(strategies.Job(
                 ids=[tokenizer.CLS, *chunk, tokenizer.SEP],
-                targets=[(s, starts[s] - begin + 1) for s in group],
-                lengths=[lengths[s] for s in group],
+                spans=[(starts[s] - begin + 1, lengths[s]) for s in group],
+                targets=group,
             ))
-        return windows
-
-    def _span_result(self, span: masks.Span, logp: torch.Tensor, top_k: int) -> SpanResult:
-        """logp: (n, V) log-probabilities of one span's positions."""
-        byte_logp = logp[:, tokenizer.NUM_SPECIAL :]  # (n, 256): never emit a special id
-        best, chosen = byte_logp.max(-1)
-        top = byte_logp.topk(min(max(EXPLAIN_TOP, top_k), 256), dim=-1)
-        alternatives = [list(zip(ix.tolist(), lp.tolist()))[:EXPLAIN_TOP] for lp, ix in zip(top.values, top.indices)]
-        data = bytes(chosen.tolist())
-        return SpanResult(
-            start=span.start,
-            length=len(data),
-            data=data,
-            logprob=float(best.sum()),
-            byte_logprobs=best.tolist(),
-            alternatives=alternatives,
-            candidates=_k_best(top.values, top.indices, top_k),
-        )
+        return jobs
 
 
-def _positions(w: _Window) -> list[int]:
-    return [p + k for (_, p), n in zip(w.targets, w.lengths) for k in range(n)]
-
-
-def _first_word_length(probe: bytes, space: bool) -> int:
-    start = 1 if space else 0
-    while start < len(probe) and probe[start : start + 1] == b" ":  # a run of spaces is not a word
-        start += 1
-    end = start
-    while end < len(probe) and probe[end : end + 1] not in (b" ", b"\n", b"\r", b"\t"):
-        end += 1
-    return max(1, end)
-
-
-def _k_best(values: torch.Tensor, indices: torch.Tensor, k: int) -> list[Candidate]:
-    """The k most probable whole spans when bytes are independent (exact k-best of a sum)."""
-    beam: list[tuple[float, bytes]] = [(0.0, b"")]
-    for lp, ix in zip(values[:, :k].tolist(), indices[:, :k].tolist()):
-        beam = sorted(((s + v, seq + bytes([b])) for s, seq in beam for v, b in zip(lp, ix)), key=lambda t: -t[0])[:k]
-    return [Candidate(seq, score) for score, seq in beam]
-
+def _span_result(span: masks.Span, fill: strategies.SpanFill) -> SpanResult:
+    byte_logp = fill.logp[:, tokenizer.NUM_SPECIAL :]  # (n, 256)
+    top = byte_logp.topk(min(EXPLAIN_TOP, byte_logp.shape[-1]), dim=-1)
+    return SpanResult(
+        start=span.start,
+        length=len(fill.data),
+        data=fill.data,
+        logprob=float(sum(fill.byte_logprobs)),
+        byte_logprobs=fill.byte_logprobs,
+        alternatives=[list(zip(ix.tolist(), lp.tolist())) for lp, ix in zip(top.values, top.indices)],
+        candidates=[Candidate(data, score) for data, score in fill.candidates],
+    )
