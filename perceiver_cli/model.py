@@ -128,18 +128,22 @@ class Attention(nn.Module):
         B, M, _ = x.shape
         x = self.ln_q(x)
         ctx = x if self.ln_kv is None else self.ln_kv(ctx)
-        N = ctx.shape[1]
-        q = self.q(x).view(B, M, self.heads, -1).transpose(1, 2)  # (B, h, M, qk/h)
-        k = self.k(ctx).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, qk/h)
-        v = self.v(ctx).view(B, N, self.heads, -1).transpose(1, 2)  # (B, h, N, v/h)
-        # The reference's order of operations (scale after the product, additive mask),
-        # so that our logits agree with its logits to the last bits.
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, M, N)
+        q = _split_heads(self.q(x), self.heads)  # (B*h, M, qk/h)
+        k = _split_heads(self.k(ctx), self.heads)  # (B*h, N, qk/h)
+        v = _split_heads(self.v(ctx), self.heads)  # (B*h, N, v/h)
+        # The reference's arithmetic: product, then divide by sqrt(d), then the additive mask.
+        scores = torch.bmm(q, k.transpose(1, 2)).div_(math.sqrt(q.shape[-1]))  # (B*h, M, N)
         if bias is not None:
-            scores = scores + bias
-        y = scores.softmax(-1) @ v  # (B, h, M, v/h)
-        y = y.transpose(1, 2).reshape(B, M, -1)  # (B, M, v)
+            scores = (scores.view(B, self.heads, M, -1) + bias).view(B * self.heads, M, -1)
+        y = torch.bmm(scores.softmax(-1), v)  # (B*h, M, v/h)
+        y = y.view(B, self.heads, M, -1).transpose(1, 2).reshape(B, M, -1)  # (B, M, v)
         return self.o(y)  # (B, M, out)
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, heads*d) -> (B*heads, T, d); a view without a copy when B == 1."""
+    B, T, C = t.shape
+    return t.view(B, T, heads, C // heads).transpose(1, 2).reshape(B * heads, T, C // heads)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,150 @@
+"""Forward-pass speed of our model vs the reference, on full-size random weights.
+
+    python scripts/bench_forward.py [--runs 7] [--weights DIR]
+
+In one run, for one ~60-byte text (the model card's sentence, ` missing.` masked):
+(a) ours: encoder + decoder at the 9 masked positions,
+(b) the reference padded to 2048 positions, as in the model card,
+(c) the reference on the unpadded text,
+plus the time our loader takes to load the weights from the page cache, and the floor:
+the model's FLOPs for (a) divided by this machine's measured fp32 matrix-product rate.
+Runs of (a), (b), (c) are interleaved so that background load hits them alike; the
+table gives medians and ratios. Needs the test extras (transformers is the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from perceiver_cli import tokenizer  # noqa: E402
+from perceiver_cli.checkpoint import load_model  # noqa: E402
+from perceiver_cli.model import DECODER_HEADS, DECODER_QK_CHANNELS, PerceiverConfig  # noqa: E402
+
+TEXT = "This is an incomplete sentence where some words are missing."
+MASKED = range(52, 61)  # ` missing.`, as in the model card
+
+# The config.json of deepmind/language-perceiver.
+FULL_SIZE = dict(
+    num_latents=256, d_latents=1280, d_model=768, num_blocks=1, num_self_attends_per_block=26,
+    num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
+    cross_attention_widening_factor=1, self_attention_widening_factor=1, use_query_residual=True,
+    hidden_act="gelu", vocab_size=262, max_position_embeddings=2048,
+)
+
+
+def full_size_weights(directory: Path) -> Path:
+    """Random full-size weights saved by the reference (created once, then reused)."""
+    if not (directory / "model.safetensors").is_file():
+        from transformers import PerceiverConfig as RefConfig
+        from transformers import PerceiverForMaskedLM
+
+        torch.manual_seed(0)
+        PerceiverForMaskedLM(RefConfig(**FULL_SIZE)).save_pretrained(directory)
+    return directory
+
+
+def linear_flops(tokens: int, n_in: int, n_out: int) -> int:
+    return 2 * tokens * n_in * n_out
+
+
+def attention_flops(q_tokens, kv_tokens, q_dim, kv_dim, qk, v, out) -> int:
+    return (linear_flops(q_tokens, q_dim, qk) + linear_flops(kv_tokens, kv_dim, qk) + linear_flops(kv_tokens, kv_dim, v)
+            + 2 * q_tokens * kv_tokens * (qk + v) + linear_flops(q_tokens, v, out))
+
+
+def model_flops(cfg: PerceiverConfig, n_inputs: int, n_decoded: int) -> int:
+    """Matrix-product FLOPs of one forward pass (the rest is negligible)."""
+    L, D, C = cfg.num_latents, cfg.d_latents, cfg.d_model
+    enc = attention_flops(L, n_inputs, D, C, cfg.encoder_cross_qk, cfg.encoder_cross_v, D)
+    enc += 2 * linear_flops(L, D, D * cfg.cross_attention_widening_factor)
+    layer = attention_flops(L, L, D, D, cfg.self_qk, cfg.self_v, cfg.self_v)
+    layer += 2 * linear_flops(L, D, D * cfg.self_attention_widening_factor)
+    dec = attention_flops(n_decoded, L, C, D, DECODER_QK_CHANNELS, C, C) + 2 * linear_flops(n_decoded, C, C)
+    dec += linear_flops(n_decoded, C, cfg.vocab_size)
+    return enc + cfg.num_blocks * cfg.num_self_attends_per_block * layer + dec
+
+
+def matmul_rate(runs: int) -> float:
+    """fp32 GFLOP/s of the model's typical product: (256 x 1280) @ (1280 x 1280)."""
+    a, b = torch.randn(256, 1280), torch.randn(1280, 1280)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        times.append((time.perf_counter() - t) / 20)
+    return linear_flops(256, 1280, 1280) / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "perceiver-bench-full")
+    args = ap.parse_args()
+    from transformers import PerceiverForMaskedLM
+
+    directory = full_size_weights(args.weights)
+    ref = PerceiverForMaskedLM.from_pretrained(directory).eval()
+    load_times = []
+    for _ in range(args.runs):
+        t = time.perf_counter()
+        ours = load_model(directory)
+        load_times.append(time.perf_counter() - t)
+
+    ids = [tokenizer.CLS, *(b + tokenizer.NUM_SPECIAL for b in TEXT.encode()), tokenizer.SEP]
+    for p in MASKED:
+        ids[p] = tokenizer.MASK
+    x = torch.tensor([ids])
+    padded = torch.nn.functional.pad(x, (0, 2048 - len(ids)), value=tokenizer.PAD)
+    padded_mask = (padded != tokenizer.PAD).long()
+    positions = torch.tensor([list(MASKED)])
+
+    cases = {
+        "(a) ours": lambda: ours(x, None, positions),
+        "(b) reference, padded to 2048": lambda: ref(inputs=padded, attention_mask=padded_mask).logits,
+        "(c) reference, unpadded": lambda: ref(inputs=x).logits,
+    }
+    with torch.inference_mode():
+        for fn in cases.values():  # warm-up
+            fn()
+        times = {name: [] for name in cases}
+        for _ in range(args.runs):
+            for name, fn in cases.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+        got = ours(x, None, positions)[0]
+        want = ref(inputs=padded, attention_mask=padded_mask).logits[0, list(MASKED)]
+    rate = matmul_rate(args.runs)
+    flops = model_flops(ours.cfg, len(ids), len(MASKED))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    a, b, c = med.values()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{args.runs} runs, max |logit diff| vs reference {float((got - want).abs().max()):.2e}")
+    print(f"fp32 matmul rate {rate:.0f} GFLOP/s; one forward of ours = {flops / 1e9:.1f} GFLOP\n")
+    print("| what | median | ratio |")
+    print("|---|---|---|")
+    for name, m in med.items():
+        print(f"| {name} | {m * 1000:.0f} ms | {m / a:.2f}x ours |")
+    print(f"| ours / (b) | | {a / b:.2f} (target <= 0.75) |")
+    print(f"| ours / (c) | | {a / c:.2f} (target <= 0.9) |")
+    print(f"| floor: FLOPs / matmul rate | {flops / rate / 1e6:.0f} ms | ours at {flops / rate / 1e9 / a:.0%} of the floor's speed |")
+    print(f"| our weight load (page cache) | {statistics.median(load_times) * 1000:.0f} ms | target <= 500 ms |")
+
+
+if __name__ == "__main__":
+    main()
