@@ -65,7 +65,12 @@ def reference_name(name: str) -> str:
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and any((path / f).is_file() for f in (SAFETENSORS_FILE, BIN_FILE))
+    return (path / CONFIG_FILE).is_file() and weights_file(path) is not None
+
+
+def weights_file(directory: Path) -> Path | None:
+    """The weights file a checkpoint directory loads from: safetensors first, then .bin."""
+    return next((directory / f for f in (SAFETENSORS_FILE, BIN_FILE) if (directory / f).is_file()), None)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +91,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
     config_path = directory / CONFIG_FILE
-    weights = next((directory / f for f in (SAFETENSORS_FILE, BIN_FILE) if (directory / f).is_file()), None)
+    weights = weights_file(directory)
     if not config_path.is_file() or weights is None:
         raise CheckpointError(
             f"{directory} is not a Perceiver checkpoint: it needs {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}"

@@ -152,14 +152,37 @@ class MaskFiller:
         device: str = "auto",
         offline: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        quantize: str | None = None,
+        threads: int | None = None,
     ) -> "MaskFiller":
-        """Load a local checkpoint directory or a Hub repo id (downloaded once, then cached)."""
-        from .checkpoint import load_model
+        """Load a local checkpoint directory or a Hub repo id (downloaded once, then cached).
+
+        On CUDA the weights run in bfloat16 (float16 where the card lacks bf16); on the CPU
+        in float32, or with `quantize="int8"` as int8 matrix products (see quantize.py).
+        `threads` sets torch's CPU threads (default: torch's, all cores).
+        """
+        from .checkpoint import load_model, weights_file
         from .hub import resolve_model
 
+        if quantize not in (None, "none", "int8"):
+            raise InputError(f"unknown quantization {quantize!r}: use int8 or none")
+        if threads is not None:
+            if threads < 1:
+                raise InputError("threads must be at least 1")
+            torch.set_num_threads(threads)
         dev = pick_device(device)
+        if quantize == "int8" and dev.type != "cpu":
+            raise InputError("int8 quantization runs on the CPU only: add --device cpu")
+        dtype = None
+        if dev.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         directory = resolve_model(model, revision=revision, offline=offline)
-        return cls(load_model(directory, device=dev), dev, batch_size)
+        net = load_model(directory, device=dev, dtype=dtype)
+        if quantize == "int8":
+            from .quantize import cache_path, quantize_int8
+
+            quantize_int8(net, cache_path(weights_file(directory)))
+        return cls(net, dev, batch_size)
 
     # -- public API ---------------------------------------------------------------------
 
