@@ -1,0 +1,297 @@
+"""Train a small Perceiver IO masked byte LM (our own model code) on the corpus of
+`scripts/build_corpus.py`, on CPU, within a wall-clock budget.
+
+    nohup nice -n 19 python scripts/train_small.py --minutes 55 --out runs/small \
+        > runs/train.log 2>&1 &
+
+The architecture is `perceiver_cli.model.PerceiverMaskedLM` unchanged: byte vocabulary,
+`[CLS] bytes [SEP]` inputs, masked positions given the `[MASK]` id. Checkpoints are saved
+in the reference layout (`config.json` + `model.safetensors`, via
+`checkpoint.save_reference`) to `OUT/checkpoint/` every `--save-every` minutes and at the
+end, so the loader and the CLI read them as they read `deepmind/language-perceiver`.
+
+Why the unusual initialisation ("routing init"): from the default random init a small
+Perceiver sits at the unigram loss for a long time, because the latent bottleneck has to
+discover how to route input positions to latents. Here there are as many latents as
+positions, and the latents, the input position embeddings and the decoder queries start
+as the same table; the cross-attentions start as (scaled) identity projections, so latent
+i attends to input position i and decoder query i reads latent i from the first step.
+The self-attention stack then only has to learn to mix context.
+
+Masking, as the real model's pretraining: ~15% of the words, each masked as a whole
+span that starts with the space before it. For half of the masked words a random part of
+the word's bytes is shown again (the loss is on the still-masked bytes only), so that the
+model also learns to complete partly filled words, which iterative decoding relies on.
+A few single bytes elsewhere are masked too.
+
+The learning curve (step, minutes, learning rate, train loss, validation loss per masked
+byte with single-byte masks and with whole-word masks) goes to `OUT/curve.csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from perceiver_cli import tokenizer
+from perceiver_cli.checkpoint import save_reference
+from perceiver_cli.model import PerceiverConfig, PerceiverMaskedLM
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_WORD = re.compile(rb" [A-Za-z0-9]+")
+
+
+def small_config(args) -> PerceiverConfig:
+    d = args.width
+    return PerceiverConfig(
+        max_position_embeddings=args.context, d_model=d, num_latents=args.context, d_latents=d,
+        num_self_attends_per_block=args.layers, num_self_attention_heads=args.heads,
+        num_cross_attention_heads=args.heads, qk_channels=d, v_channels=d,
+        self_attention_widening_factor=args.widening, cross_attention_widening_factor=args.widening,
+    )
+
+
+def _eye(out_features: int, in_features: int, scale: float = 1.0) -> torch.Tensor:
+    w = torch.zeros(out_features, in_features)
+    n = min(out_features, in_features)
+    w[:n, :n] = torch.eye(n) * scale
+    return w
+
+
+@torch.no_grad()
+def routing_init(model: PerceiverMaskedLM, sharpness: float, scale: float) -> None:
+    """Position i -> latent i -> decoder query i from the start (see the module docstring)."""
+    cfg = model.cfg
+    layers = cfg.num_self_attends_per_block
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and name.startswith("layers."):
+            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("attn.o.weight", "mlp.fc2.weight")) else 0.02
+            p.normal_(0.0, std)
+        elif name.endswith(".bias") and "ln" not in name:
+            p.zero_()
+    # Byte and position embeddings at the same scale (every input is LayerNorm-ed, so
+    # only their ratio matters there); small enough that the tied output projection
+    # starts with moderate logits (y has unit-scale entries, logits = y . embed).
+    model.embed.weight.normal_(0.0, scale)
+    pos = torch.randn(cfg.max_position_embeddings, cfg.d_model) * scale
+    model.pos_embed.weight.copy_(pos)
+    model.queries.copy_(pos)
+    model.latents.copy_(pos[: cfg.num_latents])  # d_latents == d_model, num_latents == positions
+    for layer in (model.encoder_cross, model.decoder_cross):
+        a = layer.attn
+        a.q.weight.copy_(_eye(*a.q.weight.shape, scale=sharpness))
+        a.k.weight.copy_(_eye(*a.k.weight.shape))
+        a.v.weight.copy_(_eye(*a.v.weight.shape))
+        a.o.weight.copy_(_eye(*a.o.weight.shape))
+        layer.mlp.fc1.weight.normal_(0.0, 0.02)
+        layer.mlp.fc2.weight.zero_()
+    model.out_bias.zero_()
+
+
+class Corpus:
+    """Training examples: runs of whole sentences of one paragraph, at most `n` bytes."""
+
+    def __init__(self, path: Path, n: int):
+        self.n = n
+        self.paragraphs = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            sents = [s.encode() for s in _SENTENCE_END.split(line.strip()) if s.strip()]
+            if sents:
+                self.paragraphs.append(sents)
+        weights = [sum(len(s) for s in p) for p in self.paragraphs]
+        total = sum(weights)
+        self.cum = []
+        acc = 0
+        for w in weights:
+            acc += w
+            self.cum.append(acc / total)
+
+    def sample(self, rng: random.Random) -> bytes:
+        import bisect
+
+        para = self.paragraphs[min(bisect.bisect(self.cum, rng.random()), len(self.paragraphs) - 1)]
+        i = rng.randrange(len(para))
+        text = para[i]
+        if len(text) > self.n:  # a long sentence: a window that starts at a word
+            starts = [0] + [m.start() for m in re.finditer(rb" ", text[: len(text) - self.n // 2])]
+            s = rng.choice(starts)
+            text = text[s:].lstrip()[: self.n]
+            cut = text.rfind(b" ")
+            return text[:cut] if cut > self.n // 2 else text
+        for nxt in para[i + 1 :]:
+            if len(text) + 1 + len(nxt) > self.n or rng.random() < 0.3:
+                break
+            text += b" " + nxt
+        return text
+
+
+def mask_example(text: bytes, rng: random.Random, words: float, partial: float, single: float):
+    """(ids, targets): ids with masked positions set to [MASK]; targets -100 where unmasked."""
+    ids = tokenizer.encode(text)
+    targets = [-100] * len(ids)
+    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    chosen = [s for s in spans if rng.random() < words]
+    if not chosen and spans and words > 0:
+        chosen = [rng.choice(spans)]
+    for a, b in chosen:
+        keep = [False] * (b - a)
+        if rng.random() < partial and b - a > 1:
+            p = rng.random()
+            keep = [rng.random() < p for _ in range(b - a)]
+            if all(keep):
+                keep[rng.randrange(b - a)] = False
+        for k, j in enumerate(range(a, b)):
+            if not keep[k]:
+                targets[j + 1] = ids[j + 1]
+                ids[j + 1] = tokenizer.MASK
+    for j in range(1, len(ids) - 1):
+        if targets[j] == -100 and rng.random() < single:
+            targets[j] = ids[j]
+            ids[j] = tokenizer.MASK
+    if all(t == -100 for t in targets):  # always something to predict
+        j = rng.randrange(1, len(ids) - 1)
+        targets[j], ids[j] = ids[j], tokenizer.MASK
+    return ids, targets
+
+
+def collate(examples):
+    """Padded (ids, mask, positions, targets): only the masked positions are decoded."""
+    n = max(len(ids) for ids, _ in examples)
+    masked = [[j for j, t in enumerate(tg) if t != -100] for _, tg in examples]
+    m = max(len(p) for p in masked)
+    ids = torch.full((len(examples), n), tokenizer.PAD, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.bool)
+    pos = torch.zeros((len(examples), m), dtype=torch.long)
+    tgt = torch.full((len(examples), m), -100, dtype=torch.long)
+    for r, ((i, t), p) in enumerate(zip(examples, masked)):
+        ids[r, : len(i)] = torch.tensor(i)
+        mask[r, : len(i)] = True
+        pos[r, : len(p)] = torch.tensor(p)
+        tgt[r, : len(p)] = torch.tensor([t[j] for j in p])
+    return ids, mask, pos, tgt
+
+
+def loss_of(model, batch, reduction="mean"):
+    ids, mask, pos, tgt = batch
+    logits = model(ids, mask, pos)  # (B, M, V) at the masked positions only
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> float:
+    """Mean loss per masked byte, nats."""
+    model.eval()
+    total = sum(loss_of(model, b, "sum").item() for b in batches)
+    count = sum(int((b[3] != -100).sum()) for b in batches)
+    model.train()
+    return total / count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default="data/corpus")
+    ap.add_argument("--out", default="runs/small")
+    ap.add_argument("--minutes", type=float, default=55.0, help="training budget, minutes of running time")
+    ap.add_argument("--context", type=int, default=128, help="positions = latents (126 bytes + [CLS] [SEP])")
+    ap.add_argument("--width", type=int, default=192, help="d_model = d_latents")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--widening", type=int, default=1)
+    ap.add_argument("--sharpness", type=float, default=2.0, help="scale of the identity query projections")
+    ap.add_argument("--embed-std", type=float, default=0.05, help="std of byte and position embeddings")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--words", type=float, default=0.15, help="share of words masked")
+    ap.add_argument("--partial", type=float, default=0.5, help="share of masked words partly shown again")
+    ap.add_argument("--single", type=float, default=0.03, help="share of other bytes masked singly")
+    ap.add_argument("--eval-every", type=float, default=3.0, help="minutes")
+    ap.add_argument("--save-every", type=float, default=5.0, help="minutes")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cfg = small_config(args)
+    cfg.validate()
+    model = PerceiverMaskedLM(cfg)
+    routing_init(model, args.sharpness, args.embed_std)
+    print(f"config: {cfg.to_dict()}", flush=True)
+    print(f"parameters: {model.num_parameters():,}", flush=True)
+
+    corpus = Corpus(Path(args.corpus) / "train.txt", args.context - 2)
+    valid = Corpus(Path(args.corpus) / "valid.txt", args.context - 2)
+    vrng = random.Random(1234)
+    vtexts = [valid.sample(vrng) for _ in range(256)]
+    val_bytes = [collate([mask_example(t, vrng, 0.0, 0.0, 0.15) for t in vtexts[i : i + 64]]) for i in range(0, 256, 64)]
+    val_words = [collate([mask_example(t, vrng, 0.15, 0.0, 0.0) for t in vtexts[i : i + 64]]) for i in range(0, 256, 64)]
+
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith(("layers.", "encoder_cross.", "decoder_cross."))]
+    no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+
+    budget = args.minutes * 60
+    running = 0.0  # seconds of running time (a pause by SIGSTOP is not counted)
+    last_eval = last_save = 0.0
+    step, ema = 0, None
+    curve = open(out / "curve.csv", "w", newline="")
+    writer = csv.writer(curve)
+    writer.writerow(["step", "minutes", "lr", "train_loss", "val_bytes", "val_words"])
+
+    def log_eval():
+        vb, vw = evaluate(model, val_bytes), evaluate(model, val_words)
+        writer.writerow([step, round(running / 60, 2), f"{lr:.2e}", round(ema or float("nan"), 4), round(vb, 4), round(vw, 4)])
+        curve.flush()
+        print(f"step {step} min {running / 60:.1f} lr {lr:.2e} train {ema or float('nan'):.3f} "
+              f"val_bytes {vb:.3f} val_words {vw:.3f}", flush=True)
+
+    lr = args.lr
+    log_eval()
+    while running < budget:
+        t0 = time.monotonic()
+        frac = running / budget
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = collate([mask_example(corpus.sample(rng), rng, args.words, args.partial, args.single)
+                         for _ in range(args.batch)])
+        loss = loss_of(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        running += min(time.monotonic() - t0, 30.0)  # a step longer than 30 s was paused
+        if running - last_eval >= args.eval_every * 60:
+            last_eval = running
+            log_eval()
+        if running - last_save >= args.save_every * 60:
+            last_save = running
+            save_reference(model, out / "checkpoint")
+        if step % 50 == 0:
+            print(f"step {step} min {running / 60:.1f} loss {ema:.3f}", flush=True)
+    log_eval()
+    save_reference(model, out / "checkpoint")
+    curve.close()
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
