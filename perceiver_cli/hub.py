@@ -1,15 +1,461 @@
-"""Resolve `--model` to a local checkpoint directory: a directory as is, or a Hub repo id."""
+"""Resolve `--model` to a local checkpoint directory: a directory as is, or a Hub repo id.
+
+A Hub repo is looked up in the standard Hugging Face cache first (`HF_HUB_CACHE`, by default
+`$HF_HOME/hub`, by default `~/.cache/huggingface/hub`) without any network request; only what
+is missing is downloaded, with `huggingface_hub`:
+
+1. `config.json` at the revision (default `main`); its snapshot folder names the commit.
+2. `model.safetensors` at that commit, or, when the repo has none, `pytorch_model.bin`, read
+   once with `torch.load(weights_only=True)` and kept as safetensors (config.json beside it) in
+   `<cache>/models--<org>--<name>/perceiver-safetensors/<commit>/`, so that every later load
+   is memory-mapped. (huggingface_hub's cache tools ignore that folder; deleting the repo's
+   cache folder deletes it too.)
+
+Cached files are checked before use, cheaply: config.json must parse, and a safetensors file
+must have a readable header whose tensors end exactly at the end of the file (a cut-off or
+overwritten file fails this). A bad file is downloaded again, or named in the error when
+offline. huggingface_hub writes each download to a temporary file and renames it into place
+only once complete, so a download cut off half-way is never loaded; the next run fetches it
+again.
+
+The library never prints: `progress=True` lets huggingface_hub draw its download bars on
+stderr (the CLI sets it when stderr is a terminal); otherwise they are off.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
+
+CONFIG_FILE = "config.json"  # the same names as checkpoint.py, which imports torch
+SAFETENSORS_FILE = "model.safetensors"
+BIN_FILE = "pytorch_model.bin"
+CONVERTED_DIR = "perceiver-safetensors"  # inside the repo's cache folder: <commit>/{config.json, model.safetensors}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header, in bytes
 
 
-def resolve_model(model: str, revision: str | None = None, offline: bool = False) -> Path:
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's checkpoint lives on disk, and where it came from."""
+
+    model: str  # as given: a directory or a repo id
+    directory: Path  # config.json + weights, what `checkpoint.load_model` reads
+    weights: Path  # the weights file in `directory`
+    repo_id: str | None = None  # None for a local directory
+    revision: str | None = None  # as asked; None means the default branch
+    commit: str | None = None  # the Hub commit the files come from
+    converted: bool = False  # weights converted from the repo's pytorch_model.bin
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk of config.json plus the weights."""
+        return sum(os.stat(p).st_size for p in (self.directory / CONFIG_FILE, self.weights))
+
+
+def resolve_model(model: str, revision: str | None = None, offline: bool = False, progress: bool = False) -> Path:
     """A local checkpoint directory for `model` (a directory, or a Hub repo id)."""
+    return resolve(model, revision, offline=offline, progress=progress).directory
+
+
+def resolve(
+    model: str,
+    revision: str | None = None,
+    *,
+    offline: bool = False,
+    progress: bool = False,
+    update: bool = False,
+    cache_dir: str | Path | None = None,
+    endpoint: str | None = None,
+) -> ResolvedModel:
+    """Find or fetch `model`'s checkpoint.
+
+    A directory is used as is. A Hub repo id is read from the cache when it holds a good copy
+    (no network at all), else downloaded. `update=True` asks the Hub for the revision's latest
+    commit first (falling back to the cache when the Hub cannot be reached). `offline=True`, or
+    `HF_HUB_OFFLINE=1`, never uses the network. `cache_dir` and `endpoint` default to
+    huggingface_hub's (`HF_HUB_CACHE`, `HF_ENDPOINT`).
+    """
+    local = _local_directory(model)
+    if local is not None:
+        if revision:
+            raise InputError(f"--revision {revision} needs a Hub repo id, but {model} is a local directory")
+        weights = next((local / f for f in (SAFETENSORS_FILE, BIN_FILE) if (local / f).is_file()), None)
+        if not (local / CONFIG_FILE).is_file() or weights is None:
+            raise CheckpointError(
+                f"{local} is not a Perceiver checkpoint: it needs {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}"
+            )
+        return ResolvedModel(model, local, weights)
+
+    from huggingface_hub import constants
+
+    offline = offline or constants.is_offline_mode()
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().absolute()
+    hub = _Repo(model, revision, cache, endpoint, offline, progress)
+    if not (update and not offline):
+        found = hub.from_cache()
+        if found is not None:
+            return found
+    if offline:
+        raise CheckpointError(
+            f"{model}{hub.at} is not in the cache ({hub.cache}) and offline mode forbids downloading it"
+            f" (--offline or HF_HUB_OFFLINE=1): run once online (e.g. `perceiver download --model {model}`),"
+            " or pass --model DIR with a local checkpoint"
+        )
+    return hub.download()
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why `path` is not a whole safetensors file, or None. Reads only its header.
+
+    The header (8-byte length, then JSON) lists every tensor's byte range; in a whole file the
+    last range ends exactly at the end of the file.
+    """
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > min(_MAX_HEADER, size - 8):
+                return f"its header length ({n} bytes) does not fit its {size} bytes"
+            header = json.loads(f.read(n))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"unreadable header: {_short(e)}"
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        return f"it has {size} bytes, its header describes {expected}"
+    return None
+
+
+def _config_problem(path: Path) -> str | None:
+    try:
+        return None if isinstance(json.loads(Path(path).read_text(encoding="utf-8")), dict) else "not a JSON object"
+    except (OSError, ValueError) as e:
+        return f"not JSON: {_short(e)}"
+
+
+def _local_directory(model: str) -> Path | None:
+    """`model` as a local directory; None when it is to be read as a Hub repo id."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
-    raise CheckpointError(f"model {model!r} is not a local directory (Hub download is not implemented yet)")
+        return path.absolute()
+    if path.exists():
+        raise CheckpointError(f"{model} is a file: --model takes a checkpoint directory or a Hub repo id")
+    if model.startswith((".", "/", "~")) or "\\" in model or path.is_absolute():
+        raise CheckpointError(f"local model directory {model} does not exist")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise CheckpointError(
+            f"--model {model!r} is neither a local directory nor a Hub repo id (like deepmind/language-perceiver)"
+        ) from None
+    return None
+
+
+class _Unreadable(Exception):
+    """A downloaded pytorch_model.bin that torch.load(weights_only=True) cannot read."""
+
+
+class _Repo:
+    """One Hub repo at one revision, in one cache."""
+
+    def __init__(self, repo_id, revision, cache: Path, endpoint, offline: bool, progress: bool):
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        self.repo_id, self.revision, self.cache = repo_id, revision, cache
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.offline, self.progress = offline, progress
+        self.folder = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+        self.refetch: set[str] = set()  # cached files found corrupted: download again
+        self.at = f" (revision {revision})" if revision else ""
+
+    # -- the cache, no network -----------------------------------------------------------
+
+    def from_cache(self) -> ResolvedModel | None:
+        """The checkpoint from the cache alone; None when something is missing or bad."""
+        config = self._cached(CONFIG_FILE, self.revision or "main")
+        if config is None or self._is_bad(CONFIG_FILE, config, _config_problem(config)):
+            return None
+        commit = config.parent.name  # snapshots/<commit>/config.json
+        weights = self._cached(SAFETENSORS_FILE, commit)
+        if weights is not None:
+            if self._is_bad(SAFETENSORS_FILE, weights, safetensors_problem(weights)):
+                return None
+            return self._found(config.parent, weights, commit)
+        converted = self._converted(commit)
+        if converted is not None:
+            return converted
+        weights = self._cached(BIN_FILE, commit)
+        if weights is not None:
+            try:
+                return self._convert(config, weights, commit)
+            except _Unreadable as e:
+                self._is_bad(BIN_FILE, weights, str(e))
+        return None
+
+    def _cached(self, filename: str, revision: str) -> Path | None:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(self.repo_id, filename, cache_dir=self.cache, revision=revision)
+        return Path(path) if isinstance(path, str) else None
+
+    def _is_bad(self, filename: str, path: Path, problem: str | None) -> bool:
+        """Note a corrupted cached file for download; offline, fail naming it."""
+        if problem is None:
+            return False
+        if self.offline:
+            raise CheckpointError(
+                f"the cached {filename} of {self.repo_id} is corrupted ({problem}): run once online"
+                f" (without --offline / HF_HUB_OFFLINE) to download it again, or delete {path}"
+            )
+        self.refetch.add(filename)
+        return True
+
+    def _converted(self, commit: str) -> ResolvedModel | None:
+        directory = self.folder / CONVERTED_DIR / commit
+        weights = directory / SAFETENSORS_FILE
+        if (directory / CONFIG_FILE).is_file() and weights.is_file() and safetensors_problem(weights) is None:
+            return self._found(directory, weights, commit, converted=True)
+        return None  # absent or bad: convert again from pytorch_model.bin
+
+    def _found(self, directory: Path, weights: Path, commit: str, converted: bool = False) -> ResolvedModel:
+        return ResolvedModel(self.repo_id, directory, weights, self.repo_id, self.revision, commit, converted)
+
+    # -- the Hub -------------------------------------------------------------------------
+
+    def download(self) -> ResolvedModel:
+        """Fetch what the cache lacks (or holds corrupted) and return the checkpoint."""
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        if not self._reachable():
+            found = self.from_cache()  # `update` went online first: the cache will do
+            if found is not None:
+                return found
+            raise self._unreachable()
+        config, problem = self._fetch_checked(CONFIG_FILE, self.revision, _config_problem)
+        if problem:
+            raise CheckpointError(f"{self.repo_id}{self.at}: {CONFIG_FILE} is {problem}; not a model checkpoint")
+        commit = config.parent.name
+        try:  # pinned to config.json's commit
+            weights, problem = self._fetch_checked(SAFETENSORS_FILE, commit, safetensors_problem)
+        except RemoteEntryNotFoundError:
+            weights = None
+        if weights is not None:
+            if problem:
+                raise CheckpointError(
+                    f"{SAFETENSORS_FILE} of {self.repo_id} at commit {commit[:12]} is not a valid safetensors file"
+                    f" ({problem})"
+                )
+            return self._found(config.parent, weights, commit)
+        converted = self._converted(commit)
+        if converted is not None:
+            return converted
+        was_cached = self._cached(BIN_FILE, commit) is not None
+        try:
+            weights = self._fetch(BIN_FILE, commit)
+        except RemoteEntryNotFoundError:
+            raise CheckpointError(
+                f"{self.repo_id}{self.at} has neither {SAFETENSORS_FILE} nor {BIN_FILE}: no weights to load;"
+                " check --model and --revision"
+            ) from None
+        try:
+            return self._convert(config, weights, commit)
+        except _Unreadable as e:
+            if not was_cached:  # just downloaded whole (its size was checked): the file itself is bad
+                raise self._bad_bin(commit, e) from None
+            weights = self._fetch(BIN_FILE, commit, force=True)  # cached but corrupted: once more from the Hub
+        try:
+            return self._convert(config, weights, commit)
+        except _Unreadable as e:
+            raise self._bad_bin(commit, e) from None
+
+    def _fetch_checked(self, filename: str, revision: str | None, problem_of) -> tuple[Path, str | None]:
+        """The file and what is wrong with it; a cached copy gone bad is fetched once more."""
+        was_cached = filename not in self.refetch and self._cached(filename, revision or "main") is not None
+        path = self._fetch(filename, revision)
+        problem = problem_of(path)
+        if problem and was_cached:
+            path = self._fetch(filename, revision, force=True)
+            problem = problem_of(path)
+        return path, problem
+
+    def _bad_bin(self, commit: str, e: _Unreadable) -> CheckpointError:
+        return CheckpointError(
+            f"{BIN_FILE} of {self.repo_id} at commit {commit[:12]} cannot be read as plain tensors"
+            f" (torch.load weights_only=True): {e}"
+        )
+
+    def _reachable(self) -> bool:
+        """One HEAD request, without huggingface_hub's retries (they take half a minute when offline).
+
+        Also turns a missing repo or revision into its error before anything is downloaded.
+        """
+        import httpx2
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError
+
+        url = hf_hub_url(self.repo_id, CONFIG_FILE, revision=self.revision or "main", endpoint=self.endpoint)
+        try:
+            get_hf_file_metadata(url, endpoint=self.endpoint)
+        except (httpx2.TransportError, ConnectionError):  # no network, no server, a timeout
+            return False
+        except HfHubHTTPError as e:
+            if e.response is not None and e.response.status_code >= 500:
+                return False  # the Hub is down: the cache may still do
+            raise self._error(e, CONFIG_FILE) from None
+        return True
+
+    def _fetch(self, filename: str, revision: str | None, force: bool = False) -> Path:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        force = force or filename in self.refetch
+        try:
+            path = hf_hub_download(
+                self.repo_id,
+                filename,
+                revision=revision,
+                cache_dir=self.cache,
+                endpoint=self.endpoint,
+                force_download=force,
+                tqdm_class=_progress_class(self.progress),
+            )
+        except RemoteEntryNotFoundError as e:
+            if filename != CONFIG_FILE:
+                raise  # the caller tries the other weights file
+            raise self._error(e, filename) from None
+        except Exception as e:
+            if force and type(e) is ValueError and e.__cause__ is not None:
+                e = e.__cause__  # force_download found no HEAD answer: the cause says why
+            raise self._error(e, filename) from None
+        self.refetch.discard(filename)
+        return Path(path)
+
+    def _error(self, e: BaseException, filename: str) -> CheckpointError:
+        """huggingface_hub's and the network's errors as one line that says what to do."""
+        import httpx2
+        from huggingface_hub import errors
+
+        if isinstance(e, errors.GatedRepoError):
+            return CheckpointError(
+                f"{self.repo_id} is a gated repo: accept its conditions on the Hub, then log in (`hf auth login`)"
+            )
+        if isinstance(e, errors.RepositoryNotFoundError):
+            return CheckpointError(
+                f"model {self.repo_id!r} not found on the Hub ({self.endpoint}): check --model (a Hub repo id such as"
+                " deepmind/language-perceiver, or a local directory; a private repo needs `hf auth login`)"
+            )
+        if isinstance(e, errors.RevisionNotFoundError):
+            return CheckpointError(
+                f"revision {self.revision!r} not found in {self.repo_id}: check --revision (a branch, tag or commit)"
+            )
+        if isinstance(e, errors.RemoteEntryNotFoundError):
+            return CheckpointError(f"{self.repo_id}{self.at} has no {filename}: not a model checkpoint; check --model")
+        if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, httpx2.ConnectError)):
+            return self._unreachable(filename)
+        if isinstance(e, errors.HfHubHTTPError) and e.response is not None:
+            return CheckpointError(
+                f"the Hub answered HTTP {e.response.status_code} for {filename} of {self.repo_id}: try again later"
+            )
+        if isinstance(e, (httpx2.TransportError, ConnectionError)) or (isinstance(e, OSError) and e.errno is None):
+            return CheckpointError(  # a broken connection, or fewer bytes than announced
+                f"the download of {filename} from {self.repo_id} was cut off ({_short(e)}): run the command again"
+                " (nothing partial is kept)"
+            )
+        if isinstance(e, OSError):
+            return CheckpointError(f"cannot write {filename} to the cache {self.cache}: {e.strerror or _short(e)}")
+        return CheckpointError(f"cannot download {filename} from {self.repo_id}: {_short(e)}")
+
+    def _unreachable(self, filename: str | None = None) -> CheckpointError:
+        filename = filename or min(self.refetch, default=None)
+        if filename in self.refetch:
+            return CheckpointError(
+                f"the cached {filename} of {self.repo_id} is corrupted and the Hub ({self.endpoint}) cannot be"
+                " reached to download it again: connect and run again"
+            )
+        missing = f"{filename} of {self.repo_id}" if filename else f"{self.repo_id}{self.at}"
+        return CheckpointError(
+            f"cannot reach the Hub ({self.endpoint}) and {missing} is not in the cache ({self.cache}):"
+            " connect to the internet once (later runs work offline), or pass --model DIR with a local checkpoint"
+        )
+
+    # -- pytorch_model.bin -> model.safetensors ------------------------------------------
+
+    def _convert(self, config: Path, bin_path: Path, commit: str) -> ResolvedModel:
+        """Keep a safetensors copy of a cached pytorch_model.bin, so later loads are memory-mapped."""
+        import torch
+        from safetensors.torch import save_file
+
+        try:  # weights_only: plain tensors only, never code from the file
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            if "weights only load failed" in str(e).lower():  # torch's hint (weights_only=False) is not ours to give
+                raise _Unreadable("it holds more than tensors, and loading those could run code") from None
+            raise _Unreadable(_short(e)) from None
+        if not isinstance(state, dict) or not state:
+            raise _Unreadable("it holds no state dict")
+        tensors, storages = {}, set()
+        for name, tensor in state.items():
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise _Unreadable(f"entry {name!r} is not a named tensor")
+            tensor = tensor.contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in storages:  # safetensors stores no shared memory: give the sharer its own
+                tensor = tensor.clone()
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[name] = tensor
+        directory = self.folder / CONVERTED_DIR / commit
+        weights = directory / SAFETENSORS_FILE
+        try:  # each file is written whole, then renamed into place: a reader never sees half of one
+            directory.mkdir(parents=True, exist_ok=True)
+            _write_atomically(directory / CONFIG_FILE, lambda tmp: shutil.copyfile(config, tmp))
+            metadata = {"format": "pt", "source": f"{self.repo_id}@{commit}/{BIN_FILE}"}
+            _write_atomically(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        except OSError as e:
+            raise CheckpointError(f"cannot write the safetensors copy of {BIN_FILE} to {directory}: {_short(e)}") from e
+        return self._found(directory, weights, commit, converted=True)
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_PROGRESS_CLASSES: dict[bool, type] = {}
+
+
+def _progress_class(progress: bool) -> type:
+    """huggingface_hub's tqdm bar (stderr, a terminal only, HF_HUB_DISABLE_PROGRESS_BARS honoured),
+    labelled with the file name instead of the tail of its URL; or a silent one."""
+    if progress not in _PROGRESS_CLASSES:
+        from huggingface_hub.utils import tqdm
+
+        class Bar(tqdm):
+            def __init__(self, *args, **kwargs):
+                if isinstance(kwargs.get("desc"), str):
+                    kwargs["desc"] = kwargs["desc"].rsplit("/", 1)[-1]
+                super().__init__(*args, **kwargs)
+
+        class Silent(tqdm):
+            def __init__(self, *args, **kwargs):
+                kwargs["disable"] = True
+                super().__init__(*args, **kwargs)
+
+        _PROGRESS_CLASSES.update({True: Bar, False: Silent})
+    return _PROGRESS_CLASSES[progress]
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
