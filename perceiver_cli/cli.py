@@ -99,8 +99,17 @@ def download(
     perceiver download
     perceiver download --model deepmind/language-perceiver --revision main
     """
-    typer.echo("error: not implemented yet", err=True)
-    raise typer.Exit(1)
+    from .errors import PerceiverError
+    from .hub import resolve
+
+    try:  # asks the Hub for the revision's latest commit; the cache if it cannot be reached
+        found = resolve(model, revision, update=True, progress=sys.stderr.isatty())
+    except PerceiverError as e:
+        if os.environ.get("PERCEIVER_DEBUG", "") not in ("", "0"):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code)
+    _print_fields(_model_fields(found))
 
 
 @app.command()
@@ -116,8 +125,39 @@ def info(
     perceiver info
     perceiver info --model ./my-checkpoint
     """
-    typer.echo("error: not implemented yet", err=True)
-    raise typer.Exit(1)
+    from .errors import PerceiverError
+    from .hub import resolve
+
+    try:
+        from .checkpoint import load_model
+        from .filler import pick_device
+
+        where = pick_device(device)  # what `fill --device` would use
+        found = resolve(model, revision, offline=offline, progress=sys.stderr.isatty())
+        parameters = sum(p.numel() for p in load_model(found.directory).parameters())  # memory-mapped: cheap
+    except PerceiverError as e:
+        if os.environ.get("PERCEIVER_DEBUG", "") not in ("", "0"):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code)
+    _print_fields(_model_fields(found) + [("parameters", f"{parameters:,}"), ("device", str(where))])
+
+
+def _model_fields(found) -> list[tuple[str, str]]:
+    """What `download` and `info` say about a resolved model, as (key, value) pairs."""
+    weights = found.weights.name + (" (converted from pytorch_model.bin)" if found.converted else "")
+    if found.repo_id is None:
+        where = [("model", found.model), ("revision", "(local directory)")]
+    else:
+        where = [("model", found.repo_id), ("revision", found.revision or "main"), ("commit", found.commit)]
+    size = f"{found.size / 1e6:.1f} MB ({found.size:,} bytes)"
+    return where + [("path", str(found.directory)), ("weights", weights), ("size", size)]
+
+
+def _print_fields(fields: list[tuple[str, str]]) -> None:
+    """`key: value` lines on stdout, values aligned: easy to read and to grep."""
+    width = max(len(key) for key, _ in fields) + 2
+    sys.stdout.write("".join(f"{key + ':':<{width}}{value}\n" for key, value in fields))
 
 
 def main():
