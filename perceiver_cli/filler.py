@@ -154,12 +154,14 @@ class MaskFiller:
         batch_size: int = DEFAULT_BATCH_SIZE,
         quantize: str | None = None,
         threads: int | None = None,
+        progress: bool = False,
     ) -> "MaskFiller":
         """Load a local checkpoint directory or a Hub repo id (downloaded once, then cached).
 
         On CUDA the weights run in bfloat16 (float16 where the card lacks bf16); on the CPU
         in float32, or with `quantize="int8"` as int8 matrix products (see quantize.py).
-        `threads` sets torch's CPU threads (default: torch's, all cores).
+        `threads` sets torch's CPU threads (default: torch's, all cores). `progress` shows
+        a download progress bar on stderr (the CLI sets it when stderr is a terminal).
         """
         from .checkpoint import load_model, weights_file
         from .hub import resolve_model
@@ -176,7 +178,7 @@ class MaskFiller:
         dtype = None
         if dev.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        directory = resolve_model(model, revision=revision, offline=offline)
+        directory = resolve_model(model, revision=revision, offline=offline, progress=progress)
         net = load_model(directory, device=dev, dtype=dtype)
         if quantize == "int8":
             from .quantize import cache_path, quantize_int8

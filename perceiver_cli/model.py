@@ -140,6 +140,20 @@ class Attention(nn.Module):
         return self.o(y)  # (B, M, out)
 
 
+class Table(nn.Module):
+    """An embedding table. Unlike nn.Embedding it skips random init on the meta device:
+    that init alone imports torch._dynamo, seconds of start-up for every CLI run."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight)  # nn.Embedding's default
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, T, heads*d) -> (B*heads, T, d); a view without a copy when B == 1."""
     B, T, C = t.shape
@@ -177,8 +191,8 @@ class PerceiverMaskedLM(nn.Module):
     def __init__(self, cfg: PerceiverConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)  # tied to the output projection
-        self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.d_model)
+        self.embed = Table(cfg.vocab_size, cfg.d_model)  # tied to the output projection
+        self.pos_embed = Table(cfg.max_position_embeddings, cfg.d_model)
         self.latents = nn.Parameter(torch.empty(cfg.num_latents, cfg.d_latents))
         cross = Attention(
             cfg.d_latents, cfg.d_model, cfg.encoder_cross_qk, cfg.encoder_cross_v,
