@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -45,18 +46,193 @@ OfflineOpt = typer.Option(False, "--offline", help="Never use the network: the c
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 
 
+# -- fill ------------------------------------------------------------------------------
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+EXIT_INTERRUPTED = 130  # what a shell reports after Ctrl-C
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by a closed pipe (SIGPIPE)
+
+
+def _stderr_console():
+    """Diagnostics, progress and errors: a rich console on stderr."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout_console():
+    """Results on a terminal. `is_terminal` also honours FORCE_COLOR / TTY_COMPATIBLE."""
+    from rich.console import Console
+
+    return Console(file=sys.stdout, highlight=False)
+
+
+def _say(message: str, style: str = "") -> None:
+    """One line on stderr, never wrapped (colour only on a terminal, none with NO_COLOR)."""
+    from rich.text import Text
+
+    _stderr_console().print(Text(message, style=style), soft_wrap=True, markup=False, emoji=False)
+
+
+def _error(message: str) -> None:
+    from rich.text import Text
+
+    _stderr_console().print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, markup=False, emoji=False)
+
+
+def _debug() -> bool:
+    return os.environ.get("PERCEIVER_DEBUG", "") not in ("", "0")
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the final flush at exit is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+@contextmanager
+def _failures():
+    """Map failures to DESIGN.md's exit codes and one-line errors on stderr.
+
+    `PerceiverError` (its `.exit_code`: 2 bad input, 1 runtime), anything unexpected 1,
+    Ctrl-C 130, a closed stdout pipe 141 and silent. `PERCEIVER_DEBUG=1` re-raises
+    (full traceback) instead of the one-line error.
+    """
+    from .errors import PerceiverError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        _silence_stdout()
+        raise typer.Exit(EXIT_BROKEN_PIPE)
+    except PerceiverError as e:
+        if _debug():
+            raise
+        _error(str(e))
+        raise typer.Exit(e.exit_code)
+    except OSError as e:  # e.g. the disk is full, or a file vanished while we read it
+        if _debug():
+            raise
+        _error(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        raise typer.Exit(1)
+    except Exception as e:
+        if _debug():
+            raise
+        _error(f"{type(e).__name__}: {e} (set PERCEIVER_DEBUG=1 for the traceback)")
+        raise typer.Exit(1)
+
+
+def _check_options(*, text, top_k, max_span, device, batch, batch_size, output, resume, explain, as_json) -> None:
+    """Option errors, before anything is read or loaded (`InputError`: exit 2)."""
+    from .errors import InputError
+
+    if top_k < 1:
+        raise InputError(f"--top-k must be at least 1 (got {top_k})")
+    if max_span < 1:
+        raise InputError(f"--max-span must be at least 1 byte (got {max_span})")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
+    name = device.lower()
+    if name not in DEVICES and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or mps")
+    if batch is None:
+        if output is not None:
+            raise InputError("-o/--output works with --batch FILE only (redirect stdout instead)")
+        if resume:
+            raise InputError("--resume works with --batch FILE -o OUTPUT only")
+        return
+    if text is not None:
+        raise InputError("give either TEXT or --batch FILE, not both")
+    if resume and output is None:
+        raise InputError("--resume needs -o OUTPUT: the file an earlier run was writing")
+    if explain and not as_json:
+        raise InputError("--explain with --batch needs --json (each span then gets its per-byte alternatives)")
+
+
+def _read_document(ctx: typer.Context, text: Optional[str]) -> tuple[str, bool]:
+    """(the document, whether it came from stdin). Stdin is read whole, as bytes, and
+    decoded with surrogateescape: bytes that are not UTF-8 survive unchanged."""
+    from .errors import InputError
+
+    if text is not None and text != "-":
+        return text, False
+    if sys.stdin is None:
+        raise InputError("no TEXT and no stdin to read a document from")
+    if text is None and sys.stdin.isatty():
+        # Nothing given and nothing piped: show how to call us instead of waiting for input.
+        typer.echo(ctx.get_usage(), err=True)
+        typer.echo(f"Try '{ctx.command_path} --help' for help.", err=True)
+        raise InputError("no text: give TEXT, '-' to type it on stdin, or pipe a document in")
+    return sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), True
+
+
+def _load_filler(model: str, revision: Optional[str], device: str, offline: bool, batch_size: int, options: dict):
+    """The model, with the fill options checked by the library (an unknown --strategy,
+    a --max-span longer than the model's window: exit 2) before any input is filled."""
+    from .filler import MaskFiller
+
+    filler = MaskFiller.from_pretrained(model, revision=revision, device=device, offline=offline, batch_size=batch_size)
+    filler.fill_many([], **options)
+    return filler
+
+
+def _write_stdout(data: bytes) -> None:
+    """Raw bytes on stdout, flushed now (a closed pipe raises here, not at exit)."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _write_document(result, *, as_json: bool, top_k: int, explain: bool, from_stdin: bool) -> None:
+    """Piped: the filled bytes exactly (the argument form adds a newline, like echo).
+    On a terminal: the fills highlighted by confidence, then the tables asked for."""
+    from . import render
+
+    out = _stdout_console()
+    if as_json:
+        line = json.dumps(render.json_object(result, top_k, explain), ensure_ascii=False)
+        if out.is_terminal:
+            out.print_json(line, indent=None)  # the same one line, with colour
+        else:
+            _write_stdout(line.encode("utf-8") + b"\n")
+        return
+    if not out.is_terminal:
+        _write_stdout(result.data if from_stdin else result.data + b"\n")
+        if top_k > 1 or explain:
+            _say("note: --top-k and --explain tables are drawn on a terminal only; in a pipe use --json", "dim")
+        return
+    render.document(result, out)
+    render.legend(out)
+    if top_k > 1:
+        render.candidates(result, out, top_k)
+    if explain:
+        render.explain(result, out)
+
+
+def _complete_device(incomplete: str):
+    return [d for d in DEVICES if d.startswith(incomplete)]
+
+
 @app.command()
 def fill(
+    ctx: typer.Context,
     text: Optional[str] = typer.Argument(None, help="Text with [MASK] / [MASK:N] markers; '-' or nothing reads stdin."),
     model: str = ModelOpt,
     revision: Optional[str] = RevisionOpt,
-    strategy: str = typer.Option("oneshot", "--strategy", help="How spans are filled."),
-    top_k: int = typer.Option(1, "--top-k", "-k", help="Candidates per span."),
+    strategy: str = typer.Option("oneshot", "--strategy", help="How spans are filled (oneshot: one forward pass, the reference's argmax)."),
+    top_k: int = typer.Option(1, "--top-k", "-k", help="Candidates per span (a table on a terminal; 'candidates' in --json)."),
     max_span: int = typer.Option(16, "--max-span", help="Longest span [MASK] may choose, in bytes."),
     mask_token: str = typer.Option("[MASK]", "--mask-token", help="The marker literal."),
     as_json: bool = typer.Option(False, "--json", help="Write JSON (JSON Lines with --batch)."),
     explain: bool = typer.Option(False, "--explain", help="Show each masked byte's top candidates."),
-    device: str = DeviceOpt,
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.", autocompletion=_complete_device),
     offline: bool = OfflineOpt,
     batch: Optional[str] = typer.Option(None, "--batch", help="Fill each line of FILE ('-' = stdin) independently."),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per forward pass."),
@@ -65,27 +241,50 @@ def fill(
 ):
     """Fill the masked spans of a text.
 
-    \b
-    perceiver fill "This is an incomplete sentence where some words are [MASK]."
-    perceiver fill --json "words are [MASK:9]"
-    cat draft.txt | perceiver fill
-    perceiver fill --batch sentences.txt --json
-    """
-    from .errors import PerceiverError
-    from .filler import MaskFiller
+    [MASK] lets the model choose the span's length (up to --max-span bytes); [MASK:N]
+    masks exactly N bytes. A marker right after a space takes that space into its span.
 
-    if text is None or text == "-":
-        text = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
-    try:
-        filler = MaskFiller.from_pretrained(model, revision=revision, device=device, offline=offline)
-        result = filler.fill(text, strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token)
-    except PerceiverError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(e.exit_code)
-    if as_json:
-        sys.stdout.write(json.dumps(result.to_dict(top_k if top_k > 1 else 0), ensure_ascii=False) + "\n")
-    else:
-        sys.stdout.buffer.write(result.data + b"\n")
+    \b
+    Examples:
+      perceiver fill "This is an incomplete sentence where some words are [MASK]."
+      perceiver fill -k 5 "The capital of France is[MASK:6]."
+      perceiver fill --explain "some words are [MASK:9]"
+      perceiver fill --json "some words are [MASK:9]" | jq -r .text
+      cat draft.txt | perceiver fill > filled.txt
+      perceiver fill --batch sentences.txt --json -o filled.jsonl
+      perceiver fill --batch sentences.txt --json -o filled.jsonl --resume
+
+    Exit status: 0 filled, 2 bad input or usage, 1 runtime failure (the model could not
+    be loaded, or a --batch line failed), 130 interrupted.
+    """
+    with _failures():
+        _check_options(text=text, top_k=top_k, max_span=max_span, device=device, batch=batch, batch_size=batch_size,
+                       output=output, resume=resume, explain=explain, as_json=as_json)
+        options = dict(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token)
+        if batch is not None:
+            from . import batch as batch_mode
+
+            source = batch_mode.open_input(batch, output)  # an unreadable FILE fails before the model loads
+            filler = _load_filler(model, revision, device, offline, batch_size, options)
+            failed = batch_mode.run(
+                filler, source, output=output, resume=resume, as_json=as_json, explain=explain,
+                chunk=batch_size * batch_mode.CHUNK_BATCHES, options=options,
+                stderr=_stderr_console(), stdout_is_terminal=_stdout_console().is_terminal,
+            )
+            if failed:
+                raise typer.Exit(1)
+            return
+        document, from_stdin = _read_document(ctx, text)
+        if not document:
+            from .errors import InputError
+
+            raise InputError("empty input: nothing to fill (a text with [MASK] or [MASK:N] markers is needed)")
+        from .masks import parse
+
+        parse(document, mask_token)  # a missing or malformed marker fails here, before torch loads
+        filler = _load_filler(model, revision, device, offline, batch_size, options)
+        result = filler.fill(document, **options)
+        _write_document(result, as_json=as_json, top_k=top_k, explain=explain, from_stdin=from_stdin)
 
 
 @app.command()

@@ -1,0 +1,190 @@
+"""Terminal rendering of fill results with rich.
+
+Used only when stdout is a terminal (rich's `Console.is_terminal`, which also honours
+`FORCE_COLOR`, `TTY_COMPATIBLE` and `NO_COLOR`). Piped output never comes here: the CLI
+writes the filled document's raw bytes.
+
+- `document`: the filled text, every fill underlined and each of its characters coloured
+  by the model's confidence (the product of its bytes' probabilities);
+- `legend`: what the colours mean (only when the console has colour);
+- `candidates`: the top-k whole-span candidates and their probabilities;
+- `explain`: per masked byte, its top candidate bytes and their probabilities.
+
+Text is always passed to rich as `Text` objects, never as markup, so a `[bold]` in the
+user's text stays literal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:  # rendering runs after the model, but importing this module must not load torch
+    from .filler import FillResult
+
+# Confidence bands of a filled character: (lowest probability, colour, label).
+CONFIDENCE = (
+    (0.9, "green", ">=90%"),
+    (0.5, "yellow", ">=50%"),
+    (0.2, "dark_orange", ">=20%"),
+    (0.0, "red", "<20%"),
+)
+FILL_STYLE = "bold underline"  # marks a fill even without colour (NO_COLOR)
+
+
+def confidence_colour(p: float) -> str:
+    for lowest, colour, _ in CONFIDENCE:
+        if p >= lowest:
+            return colour
+    return CONFIDENCE[-1][1]
+
+
+def percent(p: float) -> str:
+    """A probability for people: `41.2%`, or `3.1e-07` when it rounds to nothing."""
+    return f"{100 * p:.1f}%" if p >= 0.001 else f"{p:.1e}"
+
+
+def show_fill(s: str) -> str:
+    """A fill as a quoted string with its spaces visible and control characters escaped."""
+    return json.dumps(s, ensure_ascii=False)
+
+
+def show_byte(b: int) -> str:
+    """One byte: `'a'`, `' '`, `'\\n'`, or `\\xe2` for a non-ASCII or control byte."""
+    if 32 <= b < 127:
+        return repr(chr(b))
+    return {9: r"'\t'", 10: r"'\n'", 13: r"'\r'"}.get(b, f"\\x{b:02x}")
+
+
+def utf8_chars(data: bytes) -> list[tuple[str, int, int]]:
+    """Cut bytes into characters: (text, first byte, end byte); an invalid byte is U+FFFD."""
+    out, i = [], 0
+    while i < len(data):
+        b = data[i]
+        n = 1 if b < 0x80 else 2 if 0xC2 <= b <= 0xDF else 3 if 0xE0 <= b <= 0xEF else 4 if 0xF0 <= b <= 0xF4 else 0
+        if n > 1:
+            try:
+                out.append((data[i : i + n].decode("utf-8"), i, i + n))
+                i += n
+                continue
+            except UnicodeDecodeError:
+                pass
+        out.append((data[i : i + 1].decode("utf-8", "replace"), i, i + 1))
+        i += 1
+    return out
+
+
+def _visible(ch: str) -> str:
+    """A filled character as it may be shown on a terminal: control characters become
+    their Unicode pictures (the model can emit any byte, and an ESC would drive the terminal)."""
+    o = ord(ch)
+    if ch in "\n\t":
+        return ch
+    if o < 32:
+        return chr(0x2400 + o)
+    if o == 127:
+        return "\u2421"
+    if 0x80 <= o < 0xA0:
+        return "\ufffd"
+    return ch
+
+
+def document(result: FillResult, console: Console, *, end_newline: bool = True) -> None:
+    """The filled text with each fill highlighted by confidence."""
+    text = Text(no_wrap=False, end="")
+    pieces = result.pieces or (result.data,)
+    text.append(pieces[0].decode("utf-8", "replace"))
+    for span, piece in zip(result.spans, pieces[1:]):
+        run, colour = "", None  # characters of one confidence band share one style
+        for ch, a, b in utf8_chars(span.data):
+            c = confidence_colour(math.exp(sum(span.byte_logprobs[a:b])))
+            if c != colour and run:
+                text.append(run, style=f"{FILL_STYLE} {colour}")
+                run = ""
+            run, colour = run + _visible(ch), c
+        if run:
+            text.append(run, style=f"{FILL_STYLE} {colour}")
+        text.append(piece.decode("utf-8", "replace"))
+    if end_newline and not text.plain.endswith("\n"):
+        text.append("\n")
+    console.print(text, end="", soft_wrap=True, highlight=False, markup=False, emoji=False)
+
+
+def legend(console: Console) -> None:
+    """What the colours of `document` mean; nothing when the console has no colour."""
+    if console.no_color or console.color_system is None:
+        return
+    line = Text.assemble(("fill confidence: ", "dim"))
+    for _, colour, label in CONFIDENCE:
+        line.append("\u25a0 ", style=colour)
+        line.append(label + "  ", style="dim")
+    line.rstrip()
+    console.print(line, soft_wrap=True, highlight=False, markup=False, emoji=False)
+
+
+def _span_label(k: int, span) -> str:
+    return f"{k + 1} @{span.start}"
+
+
+def candidates(result: FillResult, console: Console, top_k: int) -> None:
+    """A compact table of the top-k candidates of every span, best first."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("span", style="dim", no_wrap=True)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("fill", no_wrap=True)
+    table.add_column("prob", justify="right")
+    table.add_column("logprob", justify="right", style="dim")
+    for k, span in enumerate(result.spans):
+        for rank, c in enumerate(span.candidates[:top_k]):
+            p = math.exp(c.logprob)
+            table.add_row(
+                _span_label(k, span) if rank == 0 else "",
+                str(rank + 1),
+                Text(show_fill(c.fill), style="bold" if rank == 0 else ""),
+                Text(percent(p), style=confidence_colour(p)),
+                f"{c.logprob:.3f}",
+                end_section=rank == min(top_k, len(span.candidates)) - 1,
+            )
+    console.print(table)
+
+
+def explain(result: FillResult, console: Console) -> None:
+    """Per masked byte: the chosen byte and the next most probable ones."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("span", style="dim", no_wrap=True)
+    table.add_column("byte", justify="right", style="dim")
+    table.add_column("chosen", no_wrap=True)
+    table.add_column("alternatives", no_wrap=True)
+    for k, span in enumerate(result.spans):
+        for i, alts in enumerate(span.alternatives):
+            chosen, rest = alts[0], alts[1:]
+            cell = Text()
+            for b, lp in rest:
+                cell.append(f"{show_byte(b)} ")
+                cell.append(percent(math.exp(lp)), style="dim")
+                cell.append("   ")
+            cell.rstrip()
+            table.add_row(
+                _span_label(k, span) if i == 0 else "",
+                str(i + 1),
+                Text.assemble(f"{show_byte(chosen[0])} ", (percent(math.exp(chosen[1])), confidence_colour(math.exp(chosen[1])))),
+                cell,
+                end_section=i == len(span.alternatives) - 1,
+            )
+    console.print(table)
+
+
+def json_object(result: FillResult, top_k: int = 1, explain: bool = False) -> dict:
+    """DESIGN.md section 3's object: `candidates` when top_k > 1; with `explain`, each span
+    also gets `alternatives`: per masked byte, its top bytes and their log-probabilities."""
+    obj = result.to_dict(top_k if top_k > 1 else 0)
+    if explain:
+        for span, d in zip(result.spans, obj["spans"]):
+            d["alternatives"] = [[{"byte": b, "logprob": round(lp, 6)} for b, lp in alts] for alts in span.alternatives]
+    return obj

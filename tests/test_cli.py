@@ -1,0 +1,540 @@
+"""The `perceiver fill` command (DESIGN.md section 3), on a tiny random checkpoint.
+
+In-process through `typer.testing.CliRunner` for most behaviours, and through real
+subprocesses for what only a real process shows: pipes, a closed pipe, a terminal,
+Ctrl-C, exit codes, and `--help` not importing torch. The subprocess scenarios start
+together in one module fixture (each start imports torch: seconds) and are checked by
+separate tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from typer.testing import CliRunner
+
+from perceiver_cli import masks, render
+from perceiver_cli.cli import app
+from perceiver_cli.filler import MaskFiller
+
+from .conftest import TINY
+
+WINDOW = TINY["max_position_embeddings"] - 2  # bytes of document per model input ([CLS] and [SEP] take 2)
+ANSI = b"\x1b["
+MODES = ["argument", "stdin", "dash"]
+
+DOC = "The cat sat on[MASK:4] mat, and then [MASK] ran away."
+MULTILINE = "first line [MASK:3] here\nsecond line, unchanged\n\n\tthird [MASK:2]!\r\nend [MASK:5]\n"
+
+
+@pytest.fixture(autouse=True)
+def _plain_environment(monkeypatch):
+    """Terminal detection must see what the test sets up, not the developer's shell."""
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def filler(tiny_checkpoint) -> MaskFiller:
+    """The library the command calls, to compute what the command must print."""
+    return MaskFiller.from_pretrained(str(tiny_checkpoint), device="cpu")
+
+
+def invoke(checkpoint: Path, *args: str, stdin: bytes | str | None = None, env: dict | None = None):
+    return CliRunner().invoke(app, ["fill", "-m", str(checkpoint), *args], input=stdin, env=env)
+
+
+def run_mode(checkpoint: Path, mode: str, document: str, *args: str):
+    """`fill` with the document as the argument, on stdin (no argument) or on stdin via `-`."""
+    if mode == "argument":
+        return invoke(checkpoint, *args, document)
+    data = masks.to_bytes(document)
+    return invoke(checkpoint, *args, *(["-"] if mode == "dash" else []), stdin=data)
+
+
+def rebuild(document: str, fills: list[bytes]) -> bytes:
+    """The document with its spans replaced by `fills`, every other byte as it was."""
+    return masks.parse(document).render(fills)
+
+
+def assert_one_error_line(result, fragment: str) -> None:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+# -- input modes and plain output -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_plain_output_in_every_input_mode(tiny_checkpoint, filler, mode):
+    result = run_mode(tiny_checkpoint, mode, DOC)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    expected = filler.fill(DOC).data
+    # the argument form ends its line like echo; stdin is reproduced byte for byte
+    assert result.stdout_bytes == (expected + b"\n" if mode == "argument" else expected)
+    assert ANSI not in result.stdout_bytes
+
+
+@pytest.mark.parametrize("mode", ["stdin", "dash"])
+def test_multiline_stdin_is_one_document_with_every_other_byte_kept(tiny_checkpoint, filler, mode):
+    result = run_mode(tiny_checkpoint, mode, MULTILINE)
+    assert result.exit_code == 0, result.stderr
+    spans = filler.fill(MULTILINE).spans
+    assert [len(s.data) for s in spans] == [3, 2, 5]
+    assert result.stdout_bytes == rebuild(MULTILINE, [s.data for s in spans])
+    out_lines = result.stdout_bytes.split(b"\n")
+    in_lines = MULTILINE.encode().split(b"\n")
+    assert len(out_lines) == len(in_lines)
+    assert out_lines[1:3] == in_lines[1:3]  # lines without a marker come out unchanged
+    assert out_lines[3].endswith(b"!\r") and out_lines[-1] == b""  # CRLF and the final newline kept
+
+
+def test_no_trailing_newline_is_added_to_stdin(tiny_checkpoint):
+    result = invoke(tiny_checkpoint, stdin=b"no newline at the end [MASK:2]")
+    assert result.exit_code == 0
+    assert not result.stdout_bytes.endswith(b"\n")
+    assert result.stdout_bytes.startswith(b"no newline at the end")
+    assert len(result.stdout_bytes) == len(b"no newline at the end") + 2  # the space went into the span
+
+
+def test_mask_token_option(tiny_checkpoint, filler):
+    doc = "a <mask:3> b <mask> c [MASK:2] stays"
+    result = invoke(tiny_checkpoint, "--mask-token", "<mask>", doc)
+    assert result.exit_code == 0, result.stderr
+    expected = filler.fill(doc, mask_token="<mask>")
+    assert result.stdout_bytes == expected.data + b"\n"
+    assert result.stdout_bytes.endswith(b" c [MASK:2] stays\n")  # the default literal is plain text now
+
+
+# -- --json -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_json_object_field_by_field(tiny_checkpoint, filler, mode):
+    result = run_mode(tiny_checkpoint, mode, DOC, "--json", "-k", "3")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("\n") == 1  # one line
+    obj = json.loads(result.stdout)
+    expected = filler.fill(DOC, top_k=3)
+    assert set(obj) == {"text", "spans"}
+    assert obj["text"] == expected.text
+    assert len(obj["spans"]) == 2
+    for span, want, marker in zip(obj["spans"], expected.spans, ("[MASK:4]", "[MASK]")):
+        assert set(span) == {"start", "length", "fill", "bytes", "logprob", "candidates"}
+        assert span["start"] == DOC.index(marker)  # character offset of the marker in the input
+        assert span["length"] == len(span["bytes"]) == len(want.data)
+        assert bytes(span["bytes"]) == want.data
+        assert span["fill"] == want.data.decode("utf-8", "replace")
+        assert span["logprob"] == pytest.approx(want.logprob, abs=1e-5)
+        assert span["logprob"] == pytest.approx(sum(want.byte_logprobs), abs=1e-4)
+        candidates = span["candidates"]
+        assert len(candidates) == 3
+        assert candidates[0]["bytes"] == span["bytes"] and candidates[0]["logprob"] == span["logprob"]
+        assert [c["logprob"] for c in candidates] == sorted((c["logprob"] for c in candidates), reverse=True)
+        assert all(len(c["bytes"]) == span["length"] and c["fill"] == bytes(c["bytes"]).decode("utf-8", "replace")
+                   for c in candidates)
+    assert span["length"] >= 1 and DOC[span["start"] - 1] == " "  # [MASK] took the space before it
+
+
+def test_json_without_top_k_has_no_candidates_and_explain_adds_alternatives(tiny_checkpoint, filler):
+    plain = json.loads(invoke(tiny_checkpoint, "--json", DOC).stdout)
+    assert all("candidates" not in s and "alternatives" not in s for s in plain["spans"])
+    result = invoke(tiny_checkpoint, "--json", "--explain", DOC)
+    assert result.exit_code == 0, result.stderr
+    spans = json.loads(result.stdout)["spans"]
+    for span, want in zip(spans, filler.fill(DOC).spans):
+        assert len(span["alternatives"]) == span["length"]
+        for chosen, alternatives, logprob in zip(span["bytes"], span["alternatives"], want.byte_logprobs):
+            assert len(alternatives) == 5
+            assert alternatives[0]["byte"] == chosen
+            assert alternatives[0]["logprob"] == pytest.approx(logprob, abs=1e-5)
+            assert [a["logprob"] for a in alternatives] == sorted((a["logprob"] for a in alternatives), reverse=True)
+
+
+def test_piped_tables_are_not_mixed_into_the_document(tiny_checkpoint, filler):
+    result = invoke(tiny_checkpoint, "-k", "3", "--explain", DOC)
+    assert result.exit_code == 0
+    assert result.stdout_bytes == filler.fill(DOC).data + b"\n"
+    assert "--json" in result.stderr  # says where the tables went
+
+
+# -- long documents -------------------------------------------------------------------------
+
+
+def long_text(n: int, seed: int = 0) -> str:
+    """n characters of words; never starts or ends with a space (no marker next to it takes one)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the of and model byte text window latent query a to in is".split()
+    out, size = [], 0
+    while size < n:
+        out.append(rng.choice(words))
+        size += len(out[-1]) + 1
+    return " ".join(out)[: n - 1] + "."
+
+
+def test_20kb_document_masks_at_start_middle_and_end(tiny_checkpoint, filler):
+    body = long_text(20_000)
+    doc = "[MASK:4]" + body[:10_000] + "x[MASK:3]y" + body[10_000:] + "[MASK:5]"
+    result = invoke(tiny_checkpoint, stdin=doc.encode())
+    assert result.exit_code == 0, result.stderr
+    spans = json.loads(invoke(tiny_checkpoint, "--json", stdin=doc.encode()).stdout)["spans"]
+    assert [s["length"] for s in spans] == [4, 3, 5]
+    assert result.stdout_bytes == rebuild(doc, [bytes(s["bytes"]) for s in spans])
+    assert result.stdout_bytes[4:-5] == (body[:10_000] + "x").encode() + bytes(spans[1]["bytes"]) + ("y" + body[10_000:]).encode()
+    assert result.stdout_bytes == filler.fill(doc).data
+
+
+def test_a_span_is_filled_from_the_window_around_it(tiny_checkpoint, filler):
+    """Cutting the document down to the window a span is filled from changes nothing."""
+    body = long_text(20_000, seed=1)
+    tail = "end here."
+    doc = "[MASK:4]" + body + "[MASK:5]" + tail
+    whole = filler.fill(doc).spans
+    # the first span's window is the document's first WINDOW bytes, the last span's its last WINDOW bytes
+    head = invoke(tiny_checkpoint, "--json", "[MASK:4]" + body[: WINDOW - 4])
+    end = invoke(tiny_checkpoint, "--json", body[-(WINDOW - 5 - len(tail)) :] + "[MASK:5]" + tail)
+    assert bytes(json.loads(head.stdout)["spans"][0]["bytes"]) == whole[0].data
+    assert bytes(json.loads(end.stdout)["spans"][0]["bytes"]) == whole[1].data
+
+
+def test_a_document_that_fits_is_the_reference_input(tiny_checkpoint, tiny_reference):
+    """A document of exactly one window is one model input, `[CLS] bytes [SEP]`: its fills
+    are the reference implementation's argmax, wherever the spans are."""
+    doc = "[MASK:3]" + long_text(WINDOW - 3 - 2, seed=2) + "[MASK:2]"
+    assert len(masks.parse(doc).pieces[1]) + 5 == WINDOW
+    result = invoke(tiny_checkpoint, "--json", doc)
+    spans = json.loads(result.stdout)["spans"]
+    template = masks.parse(doc)
+    ids = [4] + [3] * 3 + [b + 6 for b in template.pieces[1]] + [3] * 2 + [5]
+    with torch.no_grad():
+        logits = tiny_reference(inputs=torch.tensor([ids])).logits[0]
+    expected = bytes(logits[[1, 2, 3, len(ids) - 3, len(ids) - 2], 6:].argmax(-1).tolist())
+    assert bytes(spans[0]["bytes"] + spans[1]["bytes"]) == expected
+
+
+def test_one_megabyte_document_with_one_marker(tiny_checkpoint):
+    head, tail = (long_text(500_000, seed=s).encode() for s in (3, 4))
+    result = invoke(tiny_checkpoint, stdin=head + b"|[MASK:5]|" + tail + b"\n")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout_bytes
+    assert len(out) == len(head) + 7 + len(tail) + 1
+    assert out.startswith(head + b"|") and out.endswith(b"|" + tail + b"\n")
+
+
+# -- bytes that are not text ------------------------------------------------------------------
+
+
+def test_invalid_utf8_on_stdin_comes_back_unchanged(tiny_checkpoint):
+    data = b"caf\xe9 au lait [MASK:3] \xff\xfe\x80 fin\n"
+    result = invoke(tiny_checkpoint, stdin=data)
+    assert result.exit_code == 0, result.stderr
+    out, before, after = result.stdout_bytes, b"caf\xe9 au lait", b" \xff\xfe\x80 fin\n"
+    assert out.startswith(before) and out.endswith(after) and len(out) == len(before) + 3 + len(after)
+    obj = json.loads(invoke(tiny_checkpoint, "--json", stdin=data).stdout)
+    assert obj["text"].startswith("caf\ufffd au lait") and obj["text"].endswith(" \ufffd\ufffd\ufffd fin\n")
+    assert obj["spans"][0]["start"] == 13  # characters of the input, one per undecodable byte
+
+
+def test_nul_bytes_are_filled_around_like_any_byte(tiny_checkpoint):
+    data = b"nul\x00here [MASK:2] and\x00there\n"
+    result = invoke(tiny_checkpoint, stdin=data)
+    assert result.exit_code == 0, result.stderr
+    out, before, after = result.stdout_bytes, b"nul\x00here", b" and\x00there\n"
+    assert out.startswith(before) and out.endswith(after) and len(out) == len(before) + 2 + len(after)
+
+
+# -- bad input and failures: exit codes and one-line errors --------------------------------------
+
+BAD = [
+    # (id, arguments after -m, stdin, exit code, part of the message)
+    ("no-marker", ["just some text"], None, 2, "no [MASK] marker"),
+    ("no-marker-stdin", [], b"line one\nline two\n", 2, "no [MASK] marker"),
+    ("mask-0", ["a [MASK:0] b"], None, 2, "masks no bytes"),
+    ("mask-x", ["a [MASK:x] b"], None, 2, "N must be a whole number"),
+    ("unterminated", ["a [MASK:3"], None, 2, "unterminated mask marker"),
+    ("too-long", [f"a [MASK:{WINDOW + 1}]"], None, 2, f"longer than the model's {WINDOW}-byte window"),
+    ("empty-argument", [""], None, 2, "empty input"),
+    ("empty-stdin", [], b"", 2, "empty input"),
+    ("empty-dash", ["-"], b"", 2, "empty input"),
+    ("top-k-0", ["--top-k", "0", "a [MASK]"], None, 2, "--top-k must be at least 1"),
+    ("max-span-0", ["--max-span", "0", "a [MASK]"], None, 2, "--max-span must be at least 1"),
+    ("max-span-too-long", ["--max-span", "999", "a [MASK]"], None, 2, "max-span must be between 1 and"),
+    ("batch-size-0", ["--batch-size", "0", "a [MASK]"], None, 2, "--batch-size must be at least 1"),
+    ("unknown-device", ["--device", "tpu", "a [MASK]"], None, 2, "unknown device 'tpu'"),
+    ("unknown-strategy", ["--strategy", "guess", "a [MASK]"], None, 2, "unknown strategy 'guess'"),
+    ("missing-batch-file", ["--batch", "/nonexistent/lines.txt"], None, 2, "cannot read /nonexistent/lines.txt"),
+    ("batch-directory", ["--batch", "/"], None, 2, "cannot read /: Is a directory"),
+    ("text-and-batch", ["--batch", "-", "a [MASK]"], None, 2, "either TEXT or --batch"),
+    ("output-without-batch", ["-o", "out.txt", "a [MASK]"], None, 2, "--batch FILE only"),
+    ("resume-without-output", ["--batch", "-", "--resume"], b"a [MASK]\n", 2, "--resume needs -o"),
+]
+
+
+@pytest.mark.parametrize("args, stdin, code, fragment", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_exit_code_and_one_line_error(tiny_checkpoint, args, stdin, code, fragment):
+    result = invoke(tiny_checkpoint, *args, stdin=stdin)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert_one_error_line(result, fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_bad_input(tiny_checkpoint):
+    result = invoke(tiny_checkpoint, "--device", "cuda", "a [MASK:2]")
+    assert result.exit_code == 2
+    assert_one_error_line(result, "device 'cuda' is not available")
+
+
+def test_missing_model_is_a_runtime_failure_with_a_traceback_only_in_debug_mode(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = invoke(missing, "a [MASK:2]")
+    assert result.exit_code == 1
+    assert_one_error_line(result, str(missing))
+    debug = invoke(missing, "a [MASK:2]", env={"PERCEIVER_DEBUG": "1"})
+    assert debug.exit_code == 1
+    assert debug.exception is not None and str(missing) in str(debug.exception)  # raised, not one line
+
+
+def test_a_model_directory_that_is_not_a_checkpoint_fails_with_exit_1(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    result = invoke(tmp_path, "a [MASK:2]")
+    assert result.exit_code == 1
+    assert_one_error_line(result, str(tmp_path))
+
+
+# -- terminal rendering ---------------------------------------------------------------------------
+
+
+def terminal(**kw) -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    options = dict(file=buf, force_terminal=True, color_system="truecolor", width=120)
+    options.update(kw)
+    return Console(**options), buf
+
+
+def test_terminal_document_highlights_fills_by_confidence(filler):
+    result = filler.fill("Hello [MASK:4] world, [bold]not markup[/bold] [MASK:2].")
+    console, buf = terminal()
+    render.document(result, console)
+    out = buf.getvalue()
+    assert "\x1b[" in out and "[bold]not markup[/bold]" in out  # coloured; the user's brackets stay literal
+    plain, _ = terminal(color_system=None, force_terminal=False)
+    render.document(result, plain)
+    assert plain.file.getvalue() == result.data.decode("utf-8", "replace") + "\n"
+    colours = {render.confidence_colour(p) for p in (0.95, 0.6, 0.3, 0.01)}
+    assert len(colours) == 4  # four distinct confidence bands
+
+
+def test_terminal_fill_shows_control_bytes_as_pictures(filler):
+    from perceiver_cli.filler import FillResult, SpanResult
+
+    span = SpanResult(start=2, length=3, data=b"\x1b\x00\xe2", logprob=-3.0, byte_logprobs=[-0.01, -1.0, -2.0],
+                      alternatives=[[(27, -0.01)], [(0, -1.0)], [(226, -2.0)]])
+    result = FillResult(b"a \x1b\x00\xe2 b", [span], (b"a ", b" b"))
+    console, buf = terminal(color_system=None)
+    render.document(result, console)
+    out = buf.getvalue()
+    assert "\u241b\u2400\ufffd" in out and "\x1b\x00" not in out.replace("\x1b[", "")
+
+
+def test_legend_candidates_and_explain_tables(filler):
+    result = filler.fill("Hello [MASK:4] world [MASK:3].", top_k=3)
+    console, buf = terminal()
+    render.legend(console)
+    render.candidates(result, console, 3)
+    render.explain(result, console)
+    text = buf.getvalue()
+    assert "fill confidence" in text and ">=90%" in text and "<20%" in text
+    for span in result.spans:
+        for c in span.candidates:
+            assert render.show_fill(c.fill) in text
+            assert render.percent(2.718281828 ** c.logprob) in text
+        for alternatives in span.alternatives:
+            assert render.show_byte(alternatives[1][0]) in text  # a runner-up byte of each position
+    no_colour, buf2 = terminal(no_color=True)
+    render.legend(no_colour)
+    render.document(result, no_colour)
+    out = buf2.getvalue()
+    assert "fill confidence" not in out  # no colours, so nothing to explain
+    assert "\x1b[1;4m" in out and not colour_codes(out)  # fills still bold+underlined, never coloured
+
+
+def colour_codes(out: str | bytes) -> list[str]:
+    """The SGR parameters in `out` that set a colour (30-38, 40-48, 90-97, 100-107)."""
+    import re
+
+    text = out.decode("utf-8", "replace") if isinstance(out, bytes) else out
+    codes = [c for params in re.findall(r"\x1b\[([0-9;]*)m", text) for c in params.split(";") if c]
+    return [c for c in codes if c.isdigit() and (30 <= int(c) <= 48 or 90 <= int(c) <= 107)]
+
+
+def test_percent_and_byte_display():
+    assert render.percent(0.4123) == "41.2%" and render.percent(3.1e-7) == "3.1e-07"
+    assert [render.show_byte(b) for b in (97, 32, 10, 0xE2)] == ["'a'", "' '", r"'\n'", r"\xe2"]
+    assert render.utf8_chars("é€".encode() + b"\xff") == [("é", 0, 2), ("€", 2, 5), ("\ufffd", 5, 6)]
+
+
+# -- real processes ---------------------------------------------------------------------------------
+
+
+def process_env(tmp: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1",
+               PYTHONDONTWRITEBYTECODE="1", TERM="xterm-256color", **extra)
+    return env
+
+
+def read_pty(master: int) -> bytes:
+    out = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            return out
+        if not data:
+            return out
+        out += data
+
+
+@pytest.fixture(scope="module")
+def processes(tiny_checkpoint, tmp_path_factory):
+    """Run the subprocess scenarios side by side; {name: (returncode, stdout, stderr)}."""
+    tmp = tmp_path_factory.mktemp("processes")
+    env = process_env(tmp)
+    cmd = [sys.executable, "-m", "perceiver_cli", "fill", "-m", str(tiny_checkpoint)]
+    big = tmp / "big.txt"
+    big.write_text(long_text(1_000_000, seed=4) + " [MASK:4].\n")
+    quoted = " ".join(f"'{c}'" for c in cmd)
+    started: dict[str, tuple] = {}
+
+    def start(name, args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env, shell=False, **kw):
+        p = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, env=env, shell=shell, **kw)
+        started[name] = (p, kw)
+        return p
+
+    document = tmp / "multiline.txt"
+    document.write_bytes(MULTILINE.encode())
+    start("pipe", f"cat '{document}' | {quoted}", shell=True, executable="/bin/bash")  # stdin is a pipe
+    start("head", f"{quoted} < '{big}' | head -c1", shell=True, executable="/bin/bash")
+    # the reader is gone long before the filler writes: the write meets a closed pipe
+    start("closed", f"{quoted} < '{big}' | true; exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash")
+    start("bad", [*cmd, "no marker here"])
+    start("help", [sys.executable, "-c", (
+        "import sys\nfrom typer.testing import CliRunner\nfrom perceiver_cli.cli import app\n"
+        "r = CliRunner().invoke(app, ['fill', '--help'])\n"
+        "print(r.exit_code, 'torch' in sys.modules)\nprint(r.stdout)"
+    )])
+    ttys = {}
+    for name, extra in (("tty", {}), ("tty-no-color", {"NO_COLOR": "1"})):
+        master, slave = pty.openpty()
+        start(name, [*cmd, "Hello [MASK:4] world."], stdout=slave, env=process_env(tmp, COLUMNS="100", **extra))
+        os.close(slave)
+        ttys[name] = master
+    master, slave = pty.openpty()  # nothing given and stdin a terminal: the usage, no waiting
+    start("usage", cmd, stdin=slave)
+    os.close(slave)
+    ttys["usage"] = master
+
+    results = {}
+    tty_output = {name: read_pty(fd) for name, fd in ttys.items()}
+    for name, (p, _) in started.items():
+        out, err = p.communicate(timeout=120)
+        results[name] = (p.returncode, tty_output.get(name, out), err)
+    for fd in ttys.values():
+        os.close(fd)
+    return results
+
+
+def test_process_pipe_gives_the_plain_document(processes, filler):
+    code, out, err = processes["pipe"]
+    assert code == 0 and err == b""
+    assert out == filler.fill(MULTILINE).data
+    assert ANSI not in out
+
+
+def test_process_closed_pipe_ends_quietly(processes):
+    code, out, err = processes["head"]
+    assert code == 0 and len(out) == 1 and err == b""  # `| head -c1`: one byte, nothing on stderr
+    code, _, err = processes["closed"]
+    assert err == b"" and code == 141  # like a process ended by SIGPIPE, without a word
+
+
+def test_process_bad_input_exit_code(processes):
+    code, out, err = processes["bad"]
+    assert code == 2 and out == b""
+    assert err.decode().splitlines() == ["error: no [MASK] marker in the text: put [MASK] or [MASK:N] where bytes are missing"]
+
+
+def test_help_shows_examples_without_importing_torch(processes):
+    code, out, err = processes["help"]
+    first, _, rest = out.decode().partition("\n")
+    assert code == 0 and first == "0 False", err
+    assert "Examples" in rest and "perceiver fill --batch sentences.txt --json" in rest
+
+
+def test_process_terminal_gets_colour_and_no_color_is_honoured(processes, filler):
+    fill = filler.fill("Hello [MASK:4] world.")
+    code, out, err = processes["tty"]
+    assert code == 0, err
+    assert colour_codes(out) and b"fill confidence" in out  # coloured fills, and a legend
+    assert out.startswith(b"Hello\x1b[1;4;")  # the fill right after the text, bold, underlined, coloured
+    code, out, err = processes["tty-no-color"]
+    assert code == 0, err
+    assert not colour_codes(out) and b"fill confidence" not in out
+    assert b"\x1b[1;4m" in out  # the fill still stands out: bold and underlined
+    shown = fill.data.decode("utf-8", "replace")
+    assert out.startswith(b"Hello\x1b[1;4m") and out.replace(b"\r\n", b"\n").endswith((shown[-len(" world."):] + "\n").encode())
+
+
+def test_process_without_input_on_a_terminal_shows_usage(processes):
+    code, out, err = processes["usage"]
+    assert code == 2
+    assert b"Usage: " in err and b"error: no text" in err and b"Traceback" not in err
+
+
+def test_process_ctrl_c_exits_130_without_a_traceback(tiny_checkpoint, tmp_path):
+    """SIGINT while the command waits for stdin (the pipe stays open, nothing comes)."""
+    p = subprocess.Popen([sys.executable, "-m", "perceiver_cli", "fill", "-m", str(tiny_checkpoint)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=process_env(tmp_path))
+    try:
+        assert wait_until_blocked(p.pid), "the command never waited for input"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
+def wait_until_blocked(pid: int, timeout: float = 60.0) -> bool:
+    """True once the process has sat asleep (state S, CPU time unchanged) for half a second."""
+    deadline, since, last = time.monotonic() + timeout, None, None
+    while time.monotonic() < deadline:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        state, cpu = fields[0], int(fields[11]) + int(fields[12])
+        if state == "S" and cpu == last:
+            since = since or time.monotonic()
+            if time.monotonic() - since > 0.5:
+                return True
+        else:
+            since = None
+        last = cpu
+        time.sleep(0.02)
+    return False
