@@ -207,6 +207,11 @@ def run(
     from .render import json_object
 
     skip = resume_point(output, as_json) if resume and output is not None else 0
+    reader = LineReader(source)
+    lines = iter(reader)
+    for skipped in range(skip):  # the lines an earlier run already wrote
+        if next(lines, None) is None:
+            raise InputError(f"cannot resume: {output} already has {skip} lines, the input only {skipped}")
     if output is not None:
         try:
             out = open(output, "ab" if skip else "wb", buffering=0)
@@ -215,11 +220,6 @@ def run(
     else:
         out = sys.stdout.buffer
     writer = LineWriter(out)
-    reader = LineReader(source)
-    lines = iter(reader)
-    for skipped in range(skip):
-        if next(lines, None) is None:
-            raise InputError(f"cannot resume: {output} already has {skip} lines, the input only {skipped}")
 
     counts = {"filled": 0, "failed": 0, "empty": 0}
     done = 0
@@ -261,7 +261,7 @@ def run(
     try:
         if progress is not None:
             progress.start()
-            task = progress.add_task("filling", total=_size(source), completed=reader.consumed, lines=skip, rate="")
+            task = progress.add_task("filling", total=_size(source), completed=reader.consumed, lines=skip, rate="-")
         for line, end in lines:
             numbered.append((skip + done + len(numbered) + 1, line, end))
             if len(numbered) >= chunk or not reader.ready():

@@ -129,10 +129,12 @@ def _failures():
         raise typer.Exit(1)
 
 
-def _check_options(*, text, top_k, max_span, device, batch, batch_size, output, resume, explain, as_json) -> None:
+def _check_options(*, text, top_k, max_span, device, threads, batch, batch_size, output, resume, explain, as_json) -> None:
     """Option errors, before anything is read or loaded (`InputError`: exit 2)."""
     from .errors import InputError
 
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1 (got {threads})")
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1 (got {top_k})")
     if max_span < 1:
@@ -173,12 +175,13 @@ def _read_document(ctx: typer.Context, text: Optional[str]) -> tuple[str, bool]:
     return sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), True
 
 
-def _load_filler(model: str, revision: Optional[str], device: str, offline: bool, batch_size: int, options: dict):
-    """The model, with the fill options checked by the library (an unknown --strategy,
-    a --max-span longer than the model's window: exit 2) before any input is filled."""
+def _load_filler(model: str, options: dict, **load):
+    """The model (`load`: from_pretrained's options), with the fill options checked by the
+    library (an unknown --strategy, a --max-span longer than the model's window: exit 2)
+    before any input is filled. A download shows its progress when stderr is a terminal."""
     from .filler import MaskFiller
 
-    filler = MaskFiller.from_pretrained(model, revision=revision, device=device, offline=offline, batch_size=batch_size)
+    filler = MaskFiller.from_pretrained(model, progress=_stderr_console().is_terminal, **load)
     filler.fill_many([], **options)
     return filler
 
@@ -233,6 +236,8 @@ def fill(
     as_json: bool = typer.Option(False, "--json", help="Write JSON (JSON Lines with --batch)."),
     explain: bool = typer.Option(False, "--explain", help="Show each masked byte's top candidates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.", autocompletion=_complete_device),
+    quantize: str = typer.Option("none", "--quantize", help="int8: faster CPU matrix products, fills close to fp32's (none: exact)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch's CPU threads (default: all cores)."),
     offline: bool = OfflineOpt,
     batch: Optional[str] = typer.Option(None, "--batch", help="Fill each line of FILE ('-' = stdin) independently."),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per forward pass."),
@@ -258,14 +263,15 @@ def fill(
     be loaded, or a --batch line failed), 130 interrupted.
     """
     with _failures():
-        _check_options(text=text, top_k=top_k, max_span=max_span, device=device, batch=batch, batch_size=batch_size,
-                       output=output, resume=resume, explain=explain, as_json=as_json)
+        _check_options(text=text, top_k=top_k, max_span=max_span, device=device, threads=threads, batch=batch,
+                       batch_size=batch_size, output=output, resume=resume, explain=explain, as_json=as_json)
         options = dict(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token)
+        load = dict(revision=revision, device=device, offline=offline, batch_size=batch_size, quantize=quantize, threads=threads)
         if batch is not None:
             from . import batch as batch_mode
 
             source = batch_mode.open_input(batch, output)  # an unreadable FILE fails before the model loads
-            filler = _load_filler(model, revision, device, offline, batch_size, options)
+            filler = _load_filler(model, options, **load)
             failed = batch_mode.run(
                 filler, source, output=output, resume=resume, as_json=as_json, explain=explain,
                 chunk=batch_size * batch_mode.CHUNK_BATCHES, options=options,
@@ -282,7 +288,7 @@ def fill(
         from .masks import parse
 
         parse(document, mask_token)  # a missing or malformed marker fails here, before torch loads
-        filler = _load_filler(model, revision, device, offline, batch_size, options)
+        filler = _load_filler(model, options, **load)
         result = filler.fill(document, **options)
         _write_document(result, as_json=as_json, top_k=top_k, explain=explain, from_stdin=from_stdin)
 

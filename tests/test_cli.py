@@ -45,6 +45,16 @@ def _plain_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine every op of a
+    2-thread pool waits milliseconds for its descheduled second thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def filler(tiny_checkpoint) -> MaskFiller:
     """The library the command calls, to compute what the command must print."""
@@ -278,6 +288,8 @@ BAD = [
     ("batch-size-0", ["--batch-size", "0", "a [MASK]"], None, 2, "--batch-size must be at least 1"),
     ("unknown-device", ["--device", "tpu", "a [MASK]"], None, 2, "unknown device 'tpu'"),
     ("unknown-strategy", ["--strategy", "guess", "a [MASK]"], None, 2, "unknown strategy 'guess'"),
+    ("unknown-quantization", ["--quantize", "int4", "a [MASK]"], None, 2, "unknown quantization 'int4'"),
+    ("threads-0", ["--threads", "0", "a [MASK]"], None, 2, "--threads must be at least 1"),
     ("missing-batch-file", ["--batch", "/nonexistent/lines.txt"], None, 2, "cannot read /nonexistent/lines.txt"),
     ("batch-directory", ["--batch", "/"], None, 2, "cannot read /: Is a directory"),
     ("text-and-batch", ["--batch", "-", "a [MASK]"], None, 2, "either TEXT or --batch"),
@@ -292,6 +304,14 @@ def test_bad_input_exit_code_and_one_line_error(tiny_checkpoint, args, stdin, co
     assert result.exit_code == code, (result.stdout, result.stderr)
     assert result.stdout == ""
     assert_one_error_line(result, fragment)
+
+
+def test_int8_and_threads_options_fill_the_same_spans(tiny_checkpoint):
+    result = invoke(tiny_checkpoint, "--quantize", "int8", "--threads", "1", "--json", DOC)
+    assert result.exit_code == 0, result.stderr
+    spans = json.loads(result.stdout)["spans"]
+    assert spans[0]["length"] == 4 and torch.get_num_threads() == 1
+    assert json.loads(result.stdout)["text"].encode() == rebuild(DOC, [bytes(s["bytes"]) for s in spans]).decode("utf-8", "replace").encode()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -397,7 +417,7 @@ def process_env(tmp: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1",
-               PYTHONDONTWRITEBYTECODE="1", TERM="xterm-256color", **extra)
+               PYTHONDONTWRITEBYTECODE="1", TERM="xterm-256color", OMP_NUM_THREADS="1", **extra)
     return env
 
 
