@@ -304,17 +304,11 @@ def download(
     perceiver download
     perceiver download --model deepmind/language-perceiver --revision main
     """
-    from .errors import PerceiverError
     from .hub import resolve
 
-    try:  # asks the Hub for the revision's latest commit; the cache if it cannot be reached
+    with _failures():  # asks the Hub for the revision's latest commit; the cache if it cannot be reached
         found = resolve(model, revision, update=True, progress=sys.stderr.isatty())
-    except PerceiverError as e:
-        if os.environ.get("PERCEIVER_DEBUG", "") not in ("", "0"):
-            raise
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(e.exit_code)
-    _print_fields(_model_fields(found))
+        _print_fields(_model_fields(found))
 
 
 @app.command()
@@ -330,22 +324,16 @@ def info(
     perceiver info
     perceiver info --model ./my-checkpoint
     """
-    from .errors import PerceiverError
     from .hub import resolve
 
-    try:
+    with _failures():
         from .checkpoint import load_model
         from .filler import pick_device
 
         where = pick_device(device)  # what `fill --device` would use
         found = resolve(model, revision, offline=offline, progress=sys.stderr.isatty())
         parameters = sum(p.numel() for p in load_model(found.directory).parameters())  # memory-mapped: cheap
-    except PerceiverError as e:
-        if os.environ.get("PERCEIVER_DEBUG", "") not in ("", "0"):
-            raise
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(e.exit_code)
-    _print_fields(_model_fields(found) + [("parameters", f"{parameters:,}"), ("device", str(where))])
+        _print_fields(_model_fields(found) + [("parameters", f"{parameters:,}"), ("device", str(where))])
 
 
 def _model_fields(found) -> list[tuple[str, str]]:
