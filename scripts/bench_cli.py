@@ -1,0 +1,103 @@
+"""Whole-process speed and memory: the model card's script vs `perceiver fill`.
+
+    python scripts/bench_cli.py [--runs 5] [--weights DIR]
+
+Side by side on the same full-size random weights in the reference layout, each as a
+fresh process with a warm page cache: (1) the model card's inference script with
+transformers (the reference), (2) `perceiver fill` in fp32, (3) `perceiver fill
+--quantize int8`, plus `perceiver --help`. One warm-up run each (it also builds the int8
+cache), then `--runs` runs each, interleaved; the table gives median wall time and median
+peak resident memory (the child's ru_maxrss) and their ratios to the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_forward import full_size_weights  # noqa: E402
+
+TEXT = "This is an incomplete sentence where some words are missing."
+
+# The model card's inference example, reading the same local weights.
+MODEL_CARD = """
+import sys
+from transformers import PerceiverTokenizer, PerceiverForMaskedLM
+import torch
+
+tokenizer = PerceiverTokenizer()
+model = PerceiverForMaskedLM.from_pretrained(sys.argv[1])
+
+text = "This is an incomplete sentence where some words are missing."
+encoding = tokenizer(text, padding="max_length", return_tensors="pt")
+# mask bytes corresponding to " missing.".
+encoding["input_ids"][0, 52:61] = tokenizer.mask_token_id
+
+with torch.no_grad():
+    outputs = model(**encoding)
+logits = outputs.logits
+masked_tokens_predictions = logits[0, 52:61].argmax(dim=-1).tolist()
+print(tokenizer.decode(masked_tokens_predictions))
+"""
+
+
+def run(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one process."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "perceiver-bench-full")
+    args = ap.parse_args()
+    weights = full_size_weights(args.weights)
+    home = Path(tempfile.mkdtemp(prefix="perceiver-bench-home-"))
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    script = home / "model_card.py"
+    script.write_text(MODEL_CARD)
+    perceiver = [sys.executable, "-m", "perceiver_cli"]
+    fill = [*perceiver, "fill", "--model", str(weights), "--device", "cpu", f"{TEXT[:51]} [MASK:9]"]
+    cases = {
+        "reference (model card script)": [sys.executable, str(script), str(weights)],
+        "perceiver fill": fill,
+        "perceiver fill --quantize int8": [*fill, "--quantize", "int8"],
+        "perceiver --help": [*perceiver, "--help"],
+    }
+    for cmd in cases.values():  # warm-up: page cache, int8 cache, .pyc files
+        run(cmd, env)
+    results = {name: [] for name in cases}
+    for _ in range(args.runs):
+        for name, cmd in cases.items():
+            results[name].append(run(cmd, env))
+    med = {name: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for name, r in results.items()}
+    ref_wall, ref_mem = med["reference (model card script)"]
+    print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+          f"{args.runs} runs after a warm-up, warm page cache and Hub cache\n")
+    print("| command | wall (median) | vs reference | peak RSS (median) | vs reference |")
+    print("|---|---|---|---|---|")
+    for name, (wall, mem) in med.items():
+        print(f"| {name} | {wall:.2f} s | {wall / ref_wall:.2f}x | {mem:.0f} MB | {mem / ref_mem:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
