@@ -234,9 +234,10 @@ class MaskFiller:
             )
             for i in order
         ]
-        lengths = strategies.choose_lengths(self.runner, requests, max_span)
+        run = strategies.Reuse(self.runner)  # a length-scoring pass doubles as the strategy's first
+        lengths = strategies.choose_lengths(run, requests, max_span)
         jobs = [(i, job) for i, n in zip(order, lengths) for job in self._jobs(templates[i], n)]
-        fills = strategies.STRATEGIES[strategy](self.runner, [job for _, job in jobs], top_k)
+        fills = strategies.STRATEGIES[strategy](run, [job for _, job in jobs], top_k)
         spans: dict[int, list] = {i: [None] * len(templates[i].spans) for i in order}
         for (i, job), job_fills in zip(jobs, fills):
             for s, f in zip(job.targets, job_fills):

@@ -9,12 +9,30 @@ windows, and returns one `SpanFill` per span of every job:
 `run` batches whatever it is given, so a strategy should hand it all the jobs of a step
 at once. Strategies choose bytes only: the special ids 0-5 are never emitted.
 
-Auto length (`[MASK]`) is decided before any strategy runs, by `choose_lengths`.
+Strategies:
+
+- `oneshot`: every masked byte is the argmax of ONE pass (the reference's prediction);
+- `iterative`: fill the most confident masked bytes, feed them back, re-predict the rest,
+  until the span is full (at most `ITERATIVE_PASSES` passes, all windows batched);
+- `beam`: the same search keeping `BEAM_WIDTH` whole-span hypotheses, each ranked by its
+  own joint score (the sum of the log-probabilities of its bytes in the passes that chose
+  them), which also gives the joint top-k candidates.
+
+With `top_k` > 1, `iterative` and `beam` keep at least `top_k` hypotheses, so their
+candidates are whole-span alternatives ranked by their joint score, never a product of
+per-byte top-k lists.
+
+Auto length (`[MASK]`) is decided before any strategy runs, by `choose_lengths`: a probe
+pass proposes candidate lengths, one batched pass scores each, and the best
+length-normalised score wins (its parameters were tuned on the validation split of the
+small model's corpus, see QUALITY.md).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -44,6 +62,27 @@ class SpanFill:
     candidates: list[tuple[bytes, float]]  # whole-span alternatives, best first; [0] is `data`
 
 
+class Reuse:
+    """A `run` that answers an input it has already run from memory.
+
+    `choose_lengths` scores each candidate length with one pass; the strategy's first
+    pass at the chosen length is that same input, so sharing one `Reuse` between the two
+    saves a pass per `[MASK]`.
+    """
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.memory: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+
+    def __call__(self, jobs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+        keys = [(tuple(ids), tuple(positions)) for ids, positions in jobs]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.memory))
+        if missing:
+            for k, logp in zip(missing, self.run([(list(i), list(p)) for i, p in missing])):
+                self.memory[k] = logp
+        return [self.memory[k] for k in keys]
+
+
 def _split(logp: torch.Tensor, job: Job) -> list[torch.Tensor]:
     """Per-span slices of a job's (M, V) log-probabilities."""
     return list(torch.split(logp, [n for _, n in job.spans]))
@@ -70,8 +109,87 @@ def independent_k_best(logp: torch.Tensor, k: int) -> list[tuple[bytes, float]]:
     return [(seq, score) for score, seq in beam]
 
 
-STRATEGIES: dict[str, Callable[[Run, list[Job], int], list[list[SpanFill]]]] = {"oneshot": oneshot}
-DEFAULT_STRATEGY = "oneshot"
+@dataclass
+class _Hypothesis:
+    ids: list[int]  # the job's ids, committed bytes written in
+    score: float  # sum of the chosen bytes' log-probabilities
+    chosen: dict[int, tuple[float, torch.Tensor]]  # position -> (log-prob, (V,) row it was chosen from)
+
+
+def search(run: Run, jobs: list[Job], top_k: int, *, width: int = 1, max_passes: int | None = None) -> list[list[SpanFill]]:
+    """Iterative refinement, as a beam search over the masked bytes of each job.
+
+    Every pass re-predicts the still-masked positions of every hypothesis (one batched
+    `run` over all jobs). Each hypothesis then commits the `c` positions it is most
+    confident about (highest best-byte log-probability), `c = ceil(masked / passes left)`:
+    the most confident one is expanded with its `width` best bytes, the others take their
+    best byte. The `width` best distinct hypotheses by score survive. `width=1` is plain
+    iterative decoding; `max_passes=None` commits one byte per pass.
+    """
+    width = max(width, top_k)
+    beams = [[_Hypothesis(list(job.ids), 0.0, {})] for job in jobs]
+    passes_left = [max_passes or len(job.positions()) for job in jobs]
+    todo = [job.positions() for job in jobs]
+    while True:
+        work = [(j, h, [p for p in todo[j] if p not in h.chosen]) for j in range(len(jobs)) for h in beams[j]]
+        work = [w for w in work if w[2]]
+        if not work:
+            break
+        logps = run([(h.ids, rest) for _, h, rest in work])
+        grown: dict[int, list[_Hypothesis]] = {}
+        for (j, h, rest), logp in zip(work, logps):
+            byte_logp = logp[:, NUM_SPECIAL:]  # (m, 256): never a special id
+            best, arg = byte_logp.max(-1)
+            c = max(1, math.ceil(len(rest) / max(1, passes_left[j])))
+            order = best.argsort(descending=True).tolist()
+            base_ids, base_chosen, base_score = list(h.ids), dict(h.chosen), h.score
+            for r in order[1:c]:  # greedy commits alongside the expanded position
+                base_ids[rest[r]] = int(arg[r]) + NUM_SPECIAL
+                base_chosen[rest[r]] = (float(best[r]), logp[r])
+                base_score += float(best[r])
+            r = order[0]
+            values, indices = byte_logp[r].topk(width)
+            for v, b in zip(values.tolist(), indices.tolist()):
+                ids = list(base_ids)
+                ids[rest[r]] = b + NUM_SPECIAL
+                grown.setdefault(j, []).append(_Hypothesis(ids, base_score + v, {**base_chosen, rest[r]: (v, logp[r])}))
+        for j, hyps in grown.items():
+            unique: dict[tuple[int, ...], _Hypothesis] = {}
+            for h in sorted(hyps, key=lambda h: -h.score):
+                unique.setdefault(tuple(h.ids), h)
+            beams[j] = list(unique.values())[:width]
+            passes_left[j] -= 1
+    return [[_span_fill(beams[j], p, n, top_k) for p, n in job.spans] for j, job in enumerate(jobs)]
+
+
+def _span_fill(beam: list[_Hypothesis], start: int, n: int, top_k: int) -> SpanFill:
+    """The span's distinct fills across the final hypotheses, best first by their own score."""
+    options: dict[bytes, tuple[float, _Hypothesis]] = {}
+    for h in beam:
+        data = bytes(h.ids[p] - NUM_SPECIAL for p in range(start, start + n))
+        score = sum(h.chosen[p][0] for p in range(start, start + n))
+        if data not in options or score > options[data][0]:
+            options[data] = (score, h)
+    ranked = sorted(options.items(), key=lambda kv: -kv[1][0])
+    data, (_, h) = ranked[0]
+    positions = range(start, start + n)
+    return SpanFill(
+        data=data,
+        byte_logprobs=[h.chosen[p][0] for p in positions],
+        logp=torch.stack([h.chosen[p][1] for p in positions]),
+        candidates=[(d, score) for d, (score, _) in ranked[:top_k]],
+    )
+
+
+ITERATIVE_PASSES: int | None = 3  # most passes per span; None: one byte per pass (QUALITY.md)
+BEAM_WIDTH = 4
+
+STRATEGIES: dict[str, Callable[[Run, list[Job], int], list[list[SpanFill]]]] = {
+    "oneshot": oneshot,
+    "iterative": lambda run, jobs, top_k: search(run, jobs, top_k, width=1, max_passes=ITERATIVE_PASSES),
+    "beam": lambda run, jobs, top_k: search(run, jobs, top_k, width=BEAM_WIDTH, max_passes=ITERATIVE_PASSES),
+}
+DEFAULT_STRATEGY = "iterative"  # chosen on the validation split, see QUALITY.md
 
 
 @dataclass
@@ -83,21 +201,82 @@ class LengthRequest:
     make_jobs: Callable[[list[int]], list[Job]]  # the jobs of the text at the given lengths
 
 
-def choose_lengths(run: Run, requests: list[LengthRequest], max_span: int) -> list[list[int]]:
-    """Byte lengths of every span; `[MASK]` spans get the first word of a probe fill.
+# Auto length, tuned on the validation split only (scripts/eval_fill.py --tune, QUALITY.md).
+LENGTH_ALPHA = 0.5  # score of a length L: (sum of best-byte log-probs) / L ** alpha
+LENGTH_CANDIDATES: int | None = 3  # lengths scored per `[MASK]`, proposed by the probe; None: all
+LENGTH_PRIOR = 0.5  # weight of the probe's log-probability that the word ends at L
 
-    Provisional rule: fill `max_span` masked bytes in one pass and keep the leading space
-    (when the marker absorbed one) plus the bytes up to the next whitespace.
+
+def choose_lengths(
+    run: Run, requests: list[LengthRequest], max_span: int, *,
+    alpha: float | None = None, candidates: int | None | str = "default", prior: float | None = None,
+) -> list[list[int]]:
+    """Byte lengths of every span; each `[MASK]` span gets a scored length.
+
+    1. Probe: one pass with `max_span` masked bytes per `[MASK]`. Its first word gives
+       every auto span a provisional length, and its byte distributions give each length
+       L the probability that the word ends there (no boundary byte before L, one at L);
+       the `candidates` most probable lengths are kept (all lengths when None; with 0
+       the provisional length stands, no scoring pass).
+    2. Score: one pass per candidate length (all batched), the other auto spans at their
+       provisional length; a length scores (sum of its best-byte log-probabilities) /
+       L ** alpha + prior * log P(the probe's word ends at L), where an absorbed leading
+       space counts in neither the sum nor L; the best score wins.
     """
+    alpha = LENGTH_ALPHA if alpha is None else alpha
+    prior = LENGTH_PRIOR if prior is None else prior
+    candidates = LENGTH_CANDIDATES if candidates == "default" else candidates
     lengths = [[n if n is not None else max_span for n in r.lengths] for r in requests]
     probing = [i for i, r in enumerate(requests) if None in r.lengths]
+    proposals: dict[tuple[int, int], list[tuple[int, float]]] = {}
     jobs = [(i, job) for i in probing for job in requests[i].make_jobs(lengths[i])]
     for (i, job), logp in zip(jobs, run([(job.ids, job.positions()) for _, job in jobs])):
         for s, span_logp in zip(job.targets, _split(logp, job)):
             if requests[i].lengths[s] is None:
+                space = requests[i].space[s]
                 probe = bytes(span_logp[:, NUM_SPECIAL:].argmax(-1).tolist())
-                lengths[i][s] = _first_word_length(probe, requests[i].space[s])
+                lengths[i][s] = _first_word_length(probe, space)
+                proposals[i, s] = _length_proposals(span_logp, space, candidates)
+    scored = []  # (request, span, length, job)
+    for (i, s), options in proposals.items():
+        for n, p_end in options:
+            trial = list(lengths[i])
+            trial[s] = n
+            job = next(job for job in requests[i].make_jobs(trial) if s in job.targets)
+            scored.append((i, s, n, p_end, job))
+    best: dict[tuple[int, int], tuple[float, int]] = {}
+    for (i, s, n, p_end, job), logp in zip(scored, run([(job.ids, job.positions()) for *_, job in scored])):
+        span_logp = _split(logp, job)[job.targets.index(s)]
+        lead = 1 if requests[i].space[s] else 0  # the absorbed space is nearly free: not counted
+        score = float(span_logp[lead:, NUM_SPECIAL:].max(-1).values.sum()) / (n - lead) ** alpha
+        score += prior * math.log(max(p_end, 1e-30))
+        if (i, s) not in best or score > best[i, s][0]:
+            best[i, s] = (score, n)
+    for (i, s), (_, n) in best.items():
+        lengths[i][s] = n
     return lengths
+
+
+_BOUNDARY = torch.tensor([not (chr(b).isalnum() or b >= 128) for b in range(256)])
+
+
+def _length_proposals(span_logp: torch.Tensor, space: bool, k: int | None) -> list[tuple[int, float]]:
+    """(length, probability that the word ends there), most probable first, from a probe's
+    (max_span, V) log-probabilities: no boundary byte before the length, one at it."""
+    first = 2 if space else 1  # a span that took a space needs a byte after it
+    n = span_logp.shape[0]
+    if k == 0:  # no scoring: the probe's first word decides
+        return []
+    p = span_logp[:, NUM_SPECIAL:].exp()
+    boundary = (p * _BOUNDARY).sum(-1) / p.sum(-1)  # (n,) P(byte j is not part of a word)
+    inside = 1.0 - boundary
+    scores = []
+    for length in range(first, n + 1):
+        word = inside[first - 1 : length].prod()  # bytes after the space are word bytes
+        end = boundary[length] if length < n else torch.tensor(1.0)
+        scores.append((length, float(word * end)))
+    scores.sort(key=lambda t: -t[1])
+    return scores if k is None else scores[:k]
 
 
 def _first_word_length(probe: bytes, space: bool) -> int:

@@ -16,7 +16,11 @@ discover how to route input positions to latents. Here there are as many latents
 positions, and the latents, the input position embeddings and the decoder queries start
 as the same table; the cross-attentions start as (scaled) identity projections, so latent
 i attends to input position i and decoder query i reads latent i from the first step.
-The self-attention stack then only has to learn to mix context.
+The position table is noise smoothed along the positions, so neighbouring positions
+have similar embeddings: latent i starts out reading bytes i-2..i+2 (mostly i), which
+gives every masked byte some context before the self-attention stack has learnt to mix
+it (with white-noise positions the 128-position model sat at the unigram loss for the
+first 250 steps, see QUALITY.md).
 
 Masking, as the real model's pretraining: ~15% of the words, each masked as a whole
 span that starts with the space before it. For half of the masked words a random part of
@@ -66,8 +70,19 @@ def _eye(out_features: int, in_features: int, scale: float = 1.0) -> torch.Tenso
     return w
 
 
+def _smooth_noise(n: int, d: int, sigma: float) -> torch.Tensor:
+    """(n, d) std-1 rows; rows i and j correlate as exp(-(i-j)^2 / (4 sigma^2)) (0: white noise)."""
+    if sigma <= 0:
+        return torch.randn(n, d)
+    r = int(4 * sigma) + 1
+    k = torch.exp(-torch.arange(-r, r + 1).float() ** 2 / (2 * sigma**2))
+    noise = torch.randn(1, d, n + 2 * r)
+    x = F.conv1d(noise.transpose(0, 1), k.view(1, 1, -1)).transpose(0, 1)[0].T  # (n, d)
+    return x / x.std()
+
+
 @torch.no_grad()
-def routing_init(model: PerceiverMaskedLM, sharpness: float, scale: float) -> None:
+def routing_init(model: PerceiverMaskedLM, sharpness: float, out_scale: float, smooth: float) -> None:
     """Position i -> latent i -> decoder query i from the start (see the module docstring)."""
     cfg = model.cfg
     layers = cfg.num_self_attends_per_block
@@ -77,11 +92,10 @@ def routing_init(model: PerceiverMaskedLM, sharpness: float, scale: float) -> No
             p.normal_(0.0, std)
         elif name.endswith(".bias") and "ln" not in name:
             p.zero_()
-    # Byte and position embeddings at the same scale (every input is LayerNorm-ed, so
-    # only their ratio matters there); small enough that the tied output projection
-    # starts with moderate logits (y has unit-scale entries, logits = y . embed).
-    model.embed.weight.normal_(0.0, scale)
-    pos = torch.randn(cfg.max_position_embeddings, cfg.d_model) * scale
+    # Byte and position embeddings at std 1: Adam moves every parameter by ~lr per step,
+    # so small tables would lose their routing structure within a few dozen steps.
+    model.embed.weight.normal_(0.0, 1.0)
+    pos = _smooth_noise(cfg.max_position_embeddings, cfg.d_model, smooth)
     model.pos_embed.weight.copy_(pos)
     model.queries.copy_(pos)
     model.latents.copy_(pos[: cfg.num_latents])  # d_latents == d_model, num_latents == positions
@@ -90,7 +104,7 @@ def routing_init(model: PerceiverMaskedLM, sharpness: float, scale: float) -> No
         a.q.weight.copy_(_eye(*a.q.weight.shape, scale=sharpness))
         a.k.weight.copy_(_eye(*a.k.weight.shape))
         a.v.weight.copy_(_eye(*a.v.weight.shape))
-        a.o.weight.copy_(_eye(*a.o.weight.shape))
+        a.o.weight.copy_(_eye(*a.o.weight.shape, scale=out_scale if layer is model.decoder_cross else 1.0))
         layer.mlp.fc1.weight.normal_(0.0, 0.02)
         layer.mlp.fc2.weight.zero_()
     model.out_bias.zero_()
@@ -207,7 +221,12 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--widening", type=int, default=1)
     ap.add_argument("--sharpness", type=float, default=2.0, help="scale of the identity query projections")
-    ap.add_argument("--embed-std", type=float, default=0.05, help="std of byte and position embeddings")
+    ap.add_argument("--pos-smooth", type=float, default=1.5,
+                    help="position embeddings start as noise smoothed along positions (correlation length, "
+                         "positions): latent i then reads bytes i-2..i+2, a local context from the first step")
+    ap.add_argument("--out-scale", type=float, default=0.05,
+                    help="decoder output projection starts as this times identity: moderate first logits "
+                         "(they are products with the std-1 byte embeddings)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=30)
@@ -230,7 +249,7 @@ def main() -> None:
     cfg = small_config(args)
     cfg.validate()
     model = PerceiverMaskedLM(cfg)
-    routing_init(model, args.sharpness, args.embed_std)
+    routing_init(model, args.sharpness, args.out_scale, args.pos_smooth)
     print(f"config: {cfg.to_dict()}", flush=True)
     print(f"parameters: {model.num_parameters():,}", flush=True)
 

@@ -1,0 +1,207 @@
+"""Measure fill strategies on held-out sentences: one masked word per sentence.
+
+    python scripts/eval_fill.py --model tests/assets/perceiver-small \
+        --cases tests/assets/eval/test.jsonl
+
+Each case is a sentence of the test split (`scripts/build_corpus.py --cases-out`) with
+one word masked, its leading space included in the span. Rows:
+
+- every strategy at the TRUE length (`[MASK:N]`): exact-match rate of the span and the
+  mean log-probability of the chosen fill (sum over its bytes);
+- `[MASK]` (auto length) followed by a strategy: exact match and length accuracy;
+- joint top-5 (`beam`, top_k 5) and per-byte independent top-5 (`oneshot`): recall@5;
+- cost: forward passes per fill (one pass = one model input, whatever the batch) and
+  seconds per fill (all cases batched, `--batch-size` inputs per pass, this machine).
+
+`--tune` searches the auto-length parameters (`LENGTH_ALPHA`, `LENGTH_CANDIDATES`) on
+the given cases (use the VALIDATION cases, never the test cases) and prints the grid.
+`--bench-full` times one fill of one sentence on the full-size config (random weights,
+2 threads): oneshot `[MASK:N]`, oneshot `[MASK]` and the defaults `[MASK]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from perceiver_cli import strategies
+from perceiver_cli.checkpoint import load_model
+from perceiver_cli.filler import MaskFiller
+
+
+def load_cases(path: str, limit: int | None) -> list[dict]:
+    cases = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return cases[:limit] if limit else cases
+
+
+def text_of(case: dict, sized: bool) -> str:
+    n = len(case["answer"].encode())
+    marker = f"[MASK:{n}]" if sized else "[MASK]"
+    return f"{case['prefix']} {marker}{case['suffix']}"  # the marker absorbs the space
+
+
+class Counter:
+    """Wraps the filler's runner: counts model inputs, optionally caches results."""
+
+    def __init__(self, runner, cache: bool = False):
+        self.runner, self.inputs, self.cache = runner, 0, {} if cache else None
+
+    def __call__(self, jobs):
+        if self.cache is None:
+            self.inputs += len(jobs)
+            return self.runner(jobs)
+        keys = [(tuple(i), tuple(p)) for i, p in jobs]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        self.inputs += len(missing)
+        for k, v in zip(missing, self.runner([(list(i), list(p)) for i, p in missing])):
+            self.cache[k] = v
+        return [self.cache[k] for k in keys]
+
+
+@contextmanager
+def settings(**values):
+    old = {k: getattr(strategies, k) for k in values}
+    for k, v in values.items():
+        setattr(strategies, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(strategies, k, v)
+
+
+def measure(filler: MaskFiller, cases, *, strategy: str, sized: bool, top_k: int = 1, **params) -> dict:
+    counter = Counter(filler.runner)
+    filler.runner = counter
+    try:
+        with settings(**params):
+            t0 = time.perf_counter()
+            results = filler.fill_many([text_of(c, sized) for c in cases], strategy=strategy, top_k=top_k)
+            seconds = time.perf_counter() - t0
+    finally:
+        filler.runner = counter.runner
+    exact = length = recall = 0
+    logprob = 0.0
+    for case, result in zip(cases, results):
+        span = result.spans[0]
+        answer = case["answer"].encode()
+        exact += span.data == answer
+        length += span.length == len(answer)
+        recall += any(c.data == answer for c in span.candidates[:top_k])
+        logprob += span.logprob
+    n = len(cases)
+    return {"exact": exact / n, "length": length / n, "recall": recall / n, "logprob": logprob / n,
+            "passes": counter.inputs / n, "seconds": seconds / n}
+
+
+def tune(filler: MaskFiller, cases, strategy: str) -> None:
+    """Grid over the auto-length parameters; passes are cached, so the grid is cheap."""
+    counter = Counter(filler.runner, cache=True)
+    filler.runner = counter
+    texts = [text_of(c, False) for c in cases]
+    print("| candidates | alpha | prior | length acc. | exact match |")
+    print("|---|---|---|---|---|")
+    grid = [(c, a, p) for c in (0, 3, 4, 6, None) for a in (0.5, 1.0, 1.5, 2.0, 2.5) for p in (0.0, 0.5, 1.0, 2.0)]
+    for candidates, alpha, prior in grid:
+            if candidates == 0 and (alpha or prior):
+                continue
+            with settings(LENGTH_ALPHA=alpha, LENGTH_CANDIDATES=candidates, LENGTH_PRIOR=prior):
+                results = filler.fill_many(texts, strategy=strategy)
+            exact = sum(r.spans[0].data == c["answer"].encode() for r, c in zip(results, cases)) / len(cases)
+            length = sum(r.spans[0].length == len(c["answer"].encode()) for r, c in zip(results, cases)) / len(cases)
+            print(f"| {candidates} | {alpha} | {prior} | {length:.1%} | {exact:.1%} |", flush=True)
+    filler.runner = counter.runner
+
+
+def bench_full(default: str) -> None:
+    from perceiver_cli.model import PerceiverConfig, PerceiverMaskedLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = PerceiverMaskedLM(PerceiverConfig())
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    filler = MaskFiller(model.eval().requires_grad_(False), "cpu")
+    text = "This is an incomplete sentence where some words are [MASK]."
+    sized = text.replace("[MASK]", "[MASK:9]")
+    filler.fill(sized)  # warm-up
+    rows = [("oneshot [MASK:9]", sized, "oneshot"), ("oneshot [MASK]", text, "oneshot"),
+            (f"{default} [MASK:9]", sized, default), (f"{default} [MASK] (defaults)", text, default)]
+    for label, t, strategy in rows:
+        counter = Counter(filler.runner)
+        filler.runner = counter
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            filler.fill(t, strategy=strategy)
+            times.append(time.perf_counter() - t0)
+        filler.runner = counter.runner
+        print(f"| {label} | {counter.inputs / 3:.0f} | {min(times):.2f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tests/assets/perceiver-small")
+    ap.add_argument("--cases", default="tests/assets/eval/test.jsonl")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tune", action="store_true", help="grid-search the auto-length parameters (validation cases!)")
+    ap.add_argument("--bench-full", action="store_true", help="time one fill on the full-size config")
+    ap.add_argument("--only", default=None, help="semicolon-separated row labels to run")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    if args.bench_full:
+        print("| full-size config, one sentence | model inputs | seconds |\n|---|---|---|")
+        bench_full(strategies.DEFAULT_STRATEGY)
+        return
+    filler = MaskFiller(load_model(args.model), "cpu", batch_size=args.batch_size)
+    cases = load_cases(args.cases, args.limit)
+    if args.tune:
+        tune(filler, cases, strategies.DEFAULT_STRATEGY)
+        return
+
+    full = {"ITERATIVE_PASSES": None}
+    rows = [
+        # label, strategy, sized (true length), top_k, parameters
+        ("oneshot, true length", "oneshot", True, 1, {}),
+        ("iterative 1 byte/pass, true length", "iterative", True, 1, full),
+        ("iterative 2 passes, true length", "iterative", True, 1, {"ITERATIVE_PASSES": 2}),
+        ("iterative 3 passes, true length", "iterative", True, 1, {"ITERATIVE_PASSES": 3}),
+        ("iterative 4 passes, true length", "iterative", True, 1, {"ITERATIVE_PASSES": 4}),
+        (f"beam {strategies.BEAM_WIDTH}, 1 byte/pass, true length", "beam", True, 1, full),
+        (f"beam {strategies.BEAM_WIDTH}, 2 passes, true length", "beam", True, 1, {"ITERATIVE_PASSES": 2}),
+        (f"beam {strategies.BEAM_WIDTH}, 3 passes, true length", "beam", True, 1, {"ITERATIVE_PASSES": 3}),
+        ("[MASK] probe rule + oneshot", "oneshot", False, 1, {"LENGTH_CANDIDATES": 0}),
+        ("[MASK] auto + oneshot", "oneshot", False, 1, {}),
+        ("[MASK] auto + iterative 1 byte/pass", "iterative", False, 1, full),
+        ("[MASK] auto + iterative 3 passes", "iterative", False, 1, {"ITERATIVE_PASSES": 3}),
+        (f"[MASK] auto + beam {strategies.BEAM_WIDTH}", "beam", False, 1, full),
+        (f"[MASK] auto + beam {strategies.BEAM_WIDTH}, 3 passes", "beam", False, 1, {"ITERATIVE_PASSES": 3}),
+        ("[MASK] defaults", strategies.DEFAULT_STRATEGY, False, 1, {}),
+        ("top-5 independent per byte (oneshot), true length", "oneshot", True, 5, {}),
+        ("top-5 joint (beam 5, 1 byte/pass), true length", "beam", True, 5, full),
+        ("top-5 joint (beam 5, 3 passes), true length", "beam", True, 5, {"ITERATIVE_PASSES": 3}),
+    ]
+    only = set(args.only.split(";")) if args.only else None
+    print(f"{len(cases)} cases from {args.cases}, model {args.model}")
+    print("| strategy | exact match | length acc. | recall@k | mean logprob | passes/fill | ms/fill |")
+    print("|---|---|---|---|---|---|---|")
+    for label, strategy, sized, top_k, params in rows:
+        if only and label not in only:
+            continue
+        m = measure(filler, cases, strategy=strategy, sized=sized, top_k=top_k, **params)
+        recall = f"{m['recall']:.1%}" if top_k > 1 else ""
+        length = "" if sized else f"{m['length']:.1%}"
+        print(f"| {label} | {m['exact']:.1%} | {length} | {recall} | {m['logprob']:.2f} | {m['passes']:.1f} | "
+              f"{m['seconds'] * 1000:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
