@@ -229,7 +229,7 @@ def fill(
     text: Optional[str] = typer.Argument(None, help="Text with [MASK] / [MASK:N] markers; '-' or nothing reads stdin."),
     model: str = ModelOpt,
     revision: Optional[str] = RevisionOpt,
-    strategy: str = typer.Option("oneshot", "--strategy", help="How spans are filled (oneshot: one forward pass, the reference's argmax)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="How spans are filled: iterative (the default), beam, or oneshot (one pass: exactly the reference's argmax)."),
     top_k: int = typer.Option(1, "--top-k", "-k", help="Candidates per span (a table on a terminal; 'candidates' in --json)."),
     max_span: int = typer.Option(16, "--max-span", help="Longest span [MASK] may choose, in bytes."),
     mask_token: str = typer.Option("[MASK]", "--mask-token", help="The marker literal."),
@@ -265,7 +265,9 @@ def fill(
     with _failures():
         _check_options(text=text, top_k=top_k, max_span=max_span, device=device, threads=threads, batch=batch,
                        batch_size=batch_size, output=output, resume=resume, explain=explain, as_json=as_json)
-        options = dict(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token)
+        options = dict(top_k=top_k, max_span=max_span, mask_token=mask_token)
+        if strategy is not None:  # else the library's default (strategies.DEFAULT_STRATEGY)
+            options["strategy"] = strategy
         load = dict(revision=revision, device=device, offline=offline, batch_size=batch_size, quantize=quantize, threads=threads)
         if batch is not None:
             from . import batch as batch_mode

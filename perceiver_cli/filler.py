@@ -107,6 +107,7 @@ class _Runner:
     def __init__(self, model: PerceiverMaskedLM, device: torch.device, batch_size: int):
         self.model, self.device, self.batch_size = model, device, max(1, batch_size)
         self.passes = 0  # forward passes run, for measurements
+        self.rows = 0  # texts (windows) those passes ran: the compute spent
 
     @torch.inference_mode()
     def __call__(self, jobs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
@@ -129,6 +130,7 @@ class _Runner:
             logits = self.model(ids.to(self.device), mask.to(self.device) if padded else None, pos.to(self.device))
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
             self.passes += 1
+            self.rows += len(chunk)
             for row, j in enumerate(chunk):
                 out[j] = logp[row, : len(jobs[j][1])]
         return out  # type: ignore[return-value]

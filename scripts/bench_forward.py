@@ -8,6 +8,9 @@ In one run, for one ~60-byte text (the model card's sentence, ` missing.` masked
 (c) the reference on the unpadded text,
 plus the time our loader takes to load the weights from the page cache, and the floor:
 the model's FLOPs for (a) divided by this machine's measured fp32 matrix-product rate.
+Then the cost of fill quality: (d) a whole `[MASK]` fill with the library's defaults
+(auto length + the default strategy) against (e) a `--strategy oneshot` `[MASK:9]` fill,
+with the forward passes each ran.
 Runs of (a), (b), (c) are interleaved so that background load hits them alike; the
 table gives medians and ratios. Needs the test extras (transformers is the reference).
 """
@@ -29,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from perceiver_cli import tokenizer  # noqa: E402
 from perceiver_cli.checkpoint import load_model  # noqa: E402
+from perceiver_cli.filler import MaskFiller  # noqa: E402
 from perceiver_cli.model import DECODER_HEADS, DECODER_QK_CHANNELS, PerceiverConfig  # noqa: E402
 
 TEXT = "This is an incomplete sentence where some words are missing."
@@ -128,6 +132,21 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
         got = ours(x, None, positions)[0]
         want = ref(inputs=padded, attention_mask=padded_mask).logits[0, list(MASKED)]
+    filler = MaskFiller(ours)
+    fills = {
+        "(d) ours, `[MASK]` fill, defaults": lambda: filler.fill(f"{TEXT[:51]} [MASK]"),
+        "(e) ours, `[MASK:9]` fill, oneshot": lambda: filler.fill(f"{TEXT[:51]} [MASK:9]", strategy="oneshot"),
+    }
+    fill_times, passes = {name: [] for name in fills}, {}
+    for name, fn in fills.items():
+        before = filler.runner.passes, filler.runner.rows
+        fn()  # warm-up, and the count of forward passes
+        passes[name] = (filler.runner.passes - before[0], filler.runner.rows - before[1])
+    for _ in range(args.runs):
+        for name, fn in fills.items():
+            t = time.perf_counter()
+            fn()
+            fill_times[name].append(time.perf_counter() - t)
     rate = matmul_rate(args.runs)
     flops = model_flops(ours.cfg, len(ids), len(MASKED))
     med = {name: statistics.median(t) for name, t in times.items()}
@@ -144,6 +163,10 @@ def main() -> None:
     print(f"| ours / (c) | | {a / c:.2f} (target <= 0.9) |")
     print(f"| floor: FLOPs / matmul rate | {flops / rate / 1e6:.0f} ms | ours at {flops / rate / 1e9 / a:.0%} of the floor's speed |")
     print(f"| our weight load (page cache) | {statistics.median(load_times) * 1000:.0f} ms | target <= 500 ms |")
+    d, e = (statistics.median(t) for t in fill_times.values())
+    for name, t in fill_times.items():
+        print(f"| {name} | {statistics.median(t) * 1000:.0f} ms | {passes[name][0]} batched passes over {passes[name][1]} texts |")
+    print(f"| (d) / (e) | | {d / e:.2f} (target <= 4) |")
 
 
 if __name__ == "__main__":
