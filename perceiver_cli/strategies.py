@@ -205,11 +205,13 @@ class LengthRequest:
 LENGTH_ALPHA = 0.5  # score of a length L: (sum of best-byte log-probs) / L ** alpha
 LENGTH_CANDIDATES: int | None = 3  # lengths scored per `[MASK]`, proposed by the probe; None: all
 LENGTH_PRIOR = 0.5  # weight of the probe's log-probability that the word ends at L
+LENGTH_REFINE: int | None = None  # score each candidate by an iterative fill of this many passes
 
 
 def choose_lengths(
     run: Run, requests: list[LengthRequest], max_span: int, *,
     alpha: float | None = None, candidates: int | None | str = "default", prior: float | None = None,
+    refine: int | None | str = "default",
 ) -> list[list[int]]:
     """Byte lengths of every span; each `[MASK]` span gets a scored length.
 
@@ -225,6 +227,7 @@ def choose_lengths(
     """
     alpha = LENGTH_ALPHA if alpha is None else alpha
     prior = LENGTH_PRIOR if prior is None else prior
+    refine = LENGTH_REFINE if refine == "default" else refine
     candidates = LENGTH_CANDIDATES if candidates == "default" else candidates
     lengths = [[n if n is not None else max_span for n in r.lengths] for r in requests]
     probing = [i for i, r in enumerate(requests) if None in r.lengths]
@@ -245,10 +248,16 @@ def choose_lengths(
             job = next(job for job in requests[i].make_jobs(trial) if s in job.targets)
             scored.append((i, s, n, p_end, job))
     best: dict[tuple[int, int], tuple[float, int]] = {}
-    for (i, s, n, p_end, job), logp in zip(scored, run([(job.ids, job.positions()) for *_, job in scored])):
-        span_logp = _split(logp, job)[job.targets.index(s)]
+    if refine:  # each candidate filled iteratively; its bytes' log-probabilities score it
+        fills = search(run, [job for *_, job in scored], 1, max_passes=refine)
+        byte_lps = [torch.tensor(f[job.targets.index(s)].byte_logprobs) for (_, s, _, _, job), f in zip(scored, fills)]
+    else:  # one pass: each byte's best log-probability
+        logps = run([(job.ids, job.positions()) for *_, job in scored])
+        byte_lps = [_split(logp, job)[job.targets.index(s)][:, NUM_SPECIAL:].max(-1).values
+                    for (_, s, _, _, job), logp in zip(scored, logps)]
+    for (i, s, n, p_end, job), lps in zip(scored, byte_lps):
         lead = 1 if requests[i].space[s] else 0  # the absorbed space is nearly free: not counted
-        score = float(span_logp[lead:, NUM_SPECIAL:].max(-1).values.sum()) / (n - lead) ** alpha
+        score = float(lps[lead:].sum()) / (n - lead) ** alpha
         score += prior * math.log(max(p_end, 1e-30))
         if (i, s) not in best or score > best[i, s][0]:
             best[i, s] = (score, n)

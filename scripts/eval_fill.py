@@ -104,17 +104,18 @@ def tune(filler: MaskFiller, cases, strategy: str) -> None:
     counter = Counter(filler.runner, cache=True)
     filler.runner = counter
     texts = [text_of(c, False) for c in cases]
-    print("| candidates | alpha | prior | length acc. | exact match |")
-    print("|---|---|---|---|---|")
-    grid = [(c, a, p) for c in (0, 3, 4, 6, None) for a in (0.5, 1.0, 1.5, 2.0, 2.5) for p in (0.0, 0.5, 1.0, 2.0)]
-    for candidates, alpha, prior in grid:
-            if candidates == 0 and (alpha or prior):
+    print("| candidates | alpha | prior | refine passes | length acc. | exact match |")
+    print("|---|---|---|---|---|---|")
+    grid = [(c, a, p, r) for r in (None, 3) for c in (0, 3, 4, 6) for a in (0.5, 1.0, 1.5, 2.0)
+            for p in (0.0, 0.5, 1.0, 2.0)]
+    for candidates, alpha, prior, refine in grid:
+            if candidates == 0 and (alpha != 0.5 or prior or refine):
                 continue
-            with settings(LENGTH_ALPHA=alpha, LENGTH_CANDIDATES=candidates, LENGTH_PRIOR=prior):
+            with settings(LENGTH_ALPHA=alpha, LENGTH_CANDIDATES=candidates, LENGTH_PRIOR=prior, LENGTH_REFINE=refine):
                 results = filler.fill_many(texts, strategy=strategy)
             exact = sum(r.spans[0].data == c["answer"].encode() for r, c in zip(results, cases)) / len(cases)
             length = sum(r.spans[0].length == len(c["answer"].encode()) for r, c in zip(results, cases)) / len(cases)
-            print(f"| {candidates} | {alpha} | {prior} | {length:.1%} | {exact:.1%} |", flush=True)
+            print(f"| {candidates} | {alpha} | {prior} | {refine} | {length:.1%} | {exact:.1%} |", flush=True)
     filler.runner = counter.runner
 
 
