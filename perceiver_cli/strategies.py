@@ -124,9 +124,12 @@ def search(run: Run, jobs: list[Job], top_k: int, *, width: int = 1, max_passes:
     confident about (highest best-byte log-probability), `c = ceil(masked / passes left)`:
     the most confident one is expanded with its `width` best bytes, the others take their
     best byte. The `width` best distinct hypotheses by score survive. `width=1` is plain
-    iterative decoding; `max_passes=None` commits one byte per pass.
+    iterative decoding; `max_passes=None` commits one byte per pass. With `width` > 1, a
+    job of several spans gets one beam per span (`_search_per_span`).
     """
     width = max(width, top_k)
+    if width > 1 and any(len(job.spans) > 1 for job in jobs):
+        return _search_per_span(run, jobs, top_k, width, max_passes)
     beams = [[_Hypothesis(list(job.ids), 0.0, {})] for job in jobs]
     passes_left = [max_passes or len(job.positions()) for job in jobs]
     todo = [job.positions() for job in jobs]
@@ -160,6 +163,25 @@ def search(run: Run, jobs: list[Job], top_k: int, *, width: int = 1, max_passes:
             beams[j] = list(unique.values())[:width]
             passes_left[j] -= 1
     return [[_span_fill(beams[j], p, n, top_k) for p, n in job.spans] for j, job in enumerate(jobs)]
+
+
+def _search_per_span(run: Run, jobs: list[Job], top_k: int, width: int, max_passes: int | None) -> list[list[SpanFill]]:
+    """A beam per span: the job's other spans are first filled iteratively (width 1) and
+    held fixed, so each span gets `width` distinct whole-span hypotheses of its own."""
+    greedy = search(run, jobs, 1, width=1, max_passes=max_passes)
+    units: list[tuple[int, int, Job]] = []
+    for j, job in enumerate(jobs):
+        for k, (start, n) in enumerate(job.spans):
+            ids = list(job.ids)
+            for other, ((p, m), fill) in enumerate(zip(job.spans, greedy[j])):
+                if other != k:
+                    ids[p : p + m] = [b + NUM_SPECIAL for b in fill.data]
+            units.append((j, k, Job(ids, [(start, n)])))
+    fills = search(run, [job for *_, job in units], top_k, width=width, max_passes=max_passes)
+    out: list[list[SpanFill]] = [[] for _ in jobs]
+    for (j, _, _), fill in zip(units, fills):
+        out[j].append(fill[0])
+    return out
 
 
 def _span_fill(beam: list[_Hypothesis], start: int, n: int, top_k: int) -> SpanFill:
