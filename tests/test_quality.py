@@ -150,3 +150,11 @@ def test_never_a_special_id(strategy):
     (first, first_score), (second, second_score) = fill.candidates
     assert first == b"xxx" and first_score == pytest.approx(-15.0)
     assert set(second) == {ord("x"), ord("y")} and second_score == pytest.approx(-16.0)
+
+
+def test_every_span_of_a_window_gets_its_own_candidates(filler):
+    result = filler.fill("Return [MASK:4] number of items in [MASK:4] list.", strategy="iterative", top_k=4)
+    for span in result.spans:
+        assert len({c.data for c in span.candidates}) == 4
+        assert span.candidates[0].data == span.data
+        assert [c.logprob for c in span.candidates] == sorted((c.logprob for c in span.candidates), reverse=True)
