@@ -203,7 +203,7 @@ def _span_fill(beam: list[_Hypothesis], start: int, n: int, top_k: int) -> SpanF
     )
 
 
-ITERATIVE_PASSES: int | None = 3  # most passes per span; None: one byte per pass (QUALITY.md)
+ITERATIVE_PASSES: int | None = 2  # most passes per span; None: one byte per pass (QUALITY.md)
 BEAM_WIDTH = 4
 
 STRATEGIES: dict[str, Callable[[Run, list[Job], int], list[list[SpanFill]]]] = {

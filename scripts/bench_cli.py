@@ -4,8 +4,8 @@
 
 Side by side on the same full-size random weights in the reference layout, each as a
 fresh process with a warm page cache: (1) the model card's inference script with
-transformers (the reference), (2) `perceiver fill` in fp32, (3) `perceiver fill
---quantize int8`, plus `perceiver --help`. One warm-up run each (it also builds the int8
+transformers (the reference), (2) `perceiver fill --strategy oneshot` in fp32 (one
+forward pass, as the script), (3) the same with `--quantize int8`, plus `perceiver --help`. One warm-up run each (it also builds the int8
 cache), then `--runs` runs each, interleaved; the table gives median wall time and median
 peak resident memory (the child's ru_maxrss) and their ratios to the reference.
 """
@@ -76,7 +76,8 @@ def main() -> None:
     script = home / "model_card.py"
     script.write_text(MODEL_CARD)
     perceiver = [sys.executable, "-m", "perceiver_cli"]
-    fill = [*perceiver, "fill", "--model", str(weights), "--device", "cpu", f"{TEXT[:51]} [MASK:9]"]
+    # --strategy oneshot: the same single forward pass as the model card's script.
+    fill = [*perceiver, "fill", "--model", str(weights), "--device", "cpu", "--strategy", "oneshot", f"{TEXT[:51]} [MASK:9]"]
     cases = {
         "reference (model card script)": [sys.executable, str(script), str(weights)],
         "perceiver fill": fill,
