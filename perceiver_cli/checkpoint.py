@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .hub import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE  # the file names (hub.py imports no torch)
 from .model import PerceiverConfig, PerceiverMaskedLM
 
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-BIN_FILE = "pytorch_model.bin"
 FULL_SIZE_PARAMETERS = 201_108_230  # deepmind/language-perceiver
 
 # Inside one reference `PerceiverLayer`: our name -> reference name.

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, InputError
 
-CONFIG_FILE = "config.json"  # the same names as checkpoint.py, which imports torch
+CONFIG_FILE = "config.json"  # the file names of a checkpoint; checkpoint.py takes them from here
 SAFETENSORS_FILE = "model.safetensors"
 BIN_FILE = "pytorch_model.bin"
 CONVERTED_DIR = "perceiver-safetensors"  # inside the repo's cache folder: <commit>/{config.json, model.safetensors}
