@@ -396,7 +396,7 @@ class _Repo:
         try:  # weights_only: plain tensors only, never code from the file
             state = torch.load(bin_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            if "weights only load failed" in str(e).lower():  # torch's hint (weights_only=False) is not ours to give
+            if "weights only load failed" in str(e).lower():  # torch suggests turning the safe mode off: never
                 raise _Unreadable("it holds more than tensors, and loading those could run code") from None
             raise _Unreadable(_short(e)) from None
         if not isinstance(state, dict) or not state:
