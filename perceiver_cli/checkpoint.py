@@ -62,10 +62,6 @@ def reference_name(name: str) -> str:
     return f"{top}.{_LAYER_NAMES[module]}.{param}"
 
 
-def is_checkpoint_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and weights_file(path) is not None
-
-
 def weights_file(directory: Path) -> Path | None:
     """The weights file a checkpoint directory loads from: safetensors first, then .bin."""
     return next((directory / f for f in (SAFETENSORS_FILE, BIN_FILE) if (directory / f).is_file()), None)
