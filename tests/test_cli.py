@@ -251,12 +251,16 @@ def test_one_megabyte_document_with_one_marker(tiny_checkpoint):
 # -- bytes that are not text ------------------------------------------------------------------
 
 
+def assert_filled_around(out: bytes, before: bytes, n: int, after: bytes) -> None:
+    """`out` is `before`, then n filled bytes, then `after`, byte for byte."""
+    assert out.startswith(before) and out.endswith(after) and len(out) == len(before) + n + len(after)
+
+
 def test_invalid_utf8_on_stdin_comes_back_unchanged(tiny_checkpoint):
     data = b"caf\xe9 au lait [MASK:3] \xff\xfe\x80 fin\n"
     result = invoke(tiny_checkpoint, stdin=data)
     assert result.exit_code == 0, result.stderr
-    out, before, after = result.stdout_bytes, b"caf\xe9 au lait", b" \xff\xfe\x80 fin\n"
-    assert out.startswith(before) and out.endswith(after) and len(out) == len(before) + 3 + len(after)
+    assert_filled_around(result.stdout_bytes, b"caf\xe9 au lait", 3, b" \xff\xfe\x80 fin\n")
     obj = json.loads(invoke(tiny_checkpoint, "--json", stdin=data).stdout)
     assert obj["text"].startswith("caf\ufffd au lait") and obj["text"].endswith(" \ufffd\ufffd\ufffd fin\n")
     assert obj["spans"][0]["start"] == 13  # characters of the input, one per undecodable byte
@@ -266,8 +270,7 @@ def test_nul_bytes_are_filled_around_like_any_byte(tiny_checkpoint):
     data = b"nul\x00here [MASK:2] and\x00there\n"
     result = invoke(tiny_checkpoint, stdin=data)
     assert result.exit_code == 0, result.stderr
-    out, before, after = result.stdout_bytes, b"nul\x00here", b" and\x00there\n"
-    assert out.startswith(before) and out.endswith(after) and len(out) == len(before) + 2 + len(after)
+    assert_filled_around(result.stdout_bytes, b"nul\x00here", 2, b" and\x00there\n")
 
 
 # -- bad input and failures: exit codes and one-line errors --------------------------------------
