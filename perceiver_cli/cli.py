@@ -356,4 +356,36 @@ def _print_fields(fields: list[tuple[str, str]]) -> None:
 
 
 def main():
-    app()
+    """The console script: run the command, then exit without tearing the interpreter down.
+
+    Once torch is imported, Python's own shutdown (freeing thousands of module objects)
+    costs ~0.4 s after the answer is already written: a cold `perceiver fill` is ~15%
+    faster without it. So when torch is loaded we do what a normal exit does that
+    matters (atexit handlers, flushed stdout and stderr) and leave with os._exit.
+    """
+    try:
+        app()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if "torch" not in sys.modules:
+        sys.exit(code)  # --help, --version, usage errors: the ordinary exit
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): what Python itself would do
+        print(code, file=sys.stderr)
+        code = 1
+    import atexit
+
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # a closed pipe found only now: quiet, as in _failures
+        code = code or EXIT_BROKEN_PIPE
+    except (OSError, ValueError):
+        code = code or 1
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)

@@ -465,6 +465,15 @@ def processes(tiny_checkpoint, tmp_path_factory):
         "r = CliRunner().invoke(app, ['fill', '--help'])\n"
         "print(r.exit_code, 'torch' in sys.modules)\nprint(r.stdout)"
     )])
+    # torch is loaded before these end, so main() leaves with os._exit: what a normal exit
+    # does that matters must still happen (atexit handlers, flushed output, the exit code)
+    marker = tmp / "atexit-ran"
+    start("fast-exit", [sys.executable, "-c", (
+        "import atexit, sys\nfrom pathlib import Path\nmarker = Path(sys.argv[1])\n"
+        "atexit.register(lambda: marker.write_text(str('torch' in sys.modules)))\n"
+        "sys.argv = ['perceiver', *sys.argv[2:]]\nfrom perceiver_cli.cli import main\nmain()"
+    ), str(marker), *cmd[3:], "Hello [MASK:4] world."])
+    start("late-error", [*cmd, "--max-span", "100000", "Hello [MASK] world."])  # found after loading
     ttys = {}
     for name, extra in (("tty", {}), ("tty-no-color", {"NO_COLOR": "1"})):
         master, slave = pty.openpty()
@@ -483,6 +492,7 @@ def processes(tiny_checkpoint, tmp_path_factory):
         results[name] = (p.returncode, tty_output.get(name, out), err)
     for fd in ttys.values():
         os.close(fd)
+    results["atexit"] = marker.read_text() if marker.exists() else None
     return results
 
 
@@ -504,6 +514,16 @@ def test_process_bad_input_exit_code(processes):
     code, out, err = processes["bad"]
     assert code == 2 and out == b""
     assert err.decode().splitlines() == ["error: no [MASK] marker in the text: put [MASK] or [MASK:N] where bytes are missing"]
+
+
+def test_process_exit_after_torch_runs_atexit_handlers_and_keeps_output_and_code(processes, filler):
+    code, out, err = processes["fast-exit"]
+    assert code == 0 and err == b"", err
+    assert out == filler.fill("Hello [MASK:4] world.").data + b"\n"
+    assert processes["atexit"] == "True"  # the handler ran, in a process that had loaded torch
+    code, out, err = processes["late-error"]
+    assert code == 2 and out == b""
+    assert err.decode().splitlines() == ["error: max-span must be between 1 and 62 bytes"]
 
 
 def test_help_shows_examples_without_importing_torch(processes):
