@@ -14,12 +14,45 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 from . import __version__
 
 DEFAULT_MODEL = "deepmind/language-perceiver"
 
+# click's exception classes, whichever click this Typer uses (its own copy or click itself)
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown option or command, a bad option value, an extra argument)
+    as one line on stderr and exit 2, like every other bad input, where Typer would draw
+    the usage and a box:
+
+        error: No such option: --bogus (see 'perceiver fill --help')
+    """
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()  # `perceiver` alone: the help
+            else:
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                _error(" ".join(e.format_message().split()) + hint)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            _error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Fill masked text with DeepMind's byte-level Perceiver IO language model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -62,7 +62,7 @@ def filler(tiny_checkpoint) -> MaskFiller:
 
 
 def invoke(checkpoint: Path, *args: str, stdin: bytes | str | None = None, env: dict | None = None):
-    return CliRunner().invoke(app, ["fill", "-m", str(checkpoint), *args], input=stdin, env=env)
+    return CliRunner().invoke(app, ["fill", "-m", str(checkpoint), *args], input=stdin, env=env, prog_name="perceiver")
 
 
 def run_mode(checkpoint: Path, mode: str, document: str, *args: str):
@@ -299,6 +299,12 @@ BAD = [
     ("text-and-batch", ["--batch", "-", "a [MASK]"], None, 2, "either TEXT or --batch"),
     ("output-without-batch", ["-o", "out.txt", "a [MASK]"], None, 2, "--batch FILE only"),
     ("resume-without-output", ["--batch", "-", "--resume"], b"a [MASK]\n", 2, "--resume needs -o"),
+    # usage errors found by the option parser, one line as well (with where to look)
+    ("unknown-option", ["--bogus", "a [MASK]"], None, 2, "No such option: --bogus (see 'perceiver fill --help')"),
+    ("misspelt-option", ["--bach", "f"], None, 2, "Possible options: --batch"),
+    ("not-a-number", ["--top-k", "abc", "a [MASK]"], None, 2, "Invalid value for '--top-k'"),
+    ("extra-argument", ["a [MASK]", "b"], None, 2, "unexpected extra argument"),
+    ("missing-option-value", ["a [MASK]", "--device"], None, 2, "'--device' requires an argument"),
 ]
 
 
@@ -308,6 +314,15 @@ def test_bad_input_exit_code_and_one_line_error(tiny_checkpoint, args, stdin, co
     assert result.exit_code == code, (result.stdout, result.stderr)
     assert result.stdout == ""
     assert_one_error_line(result, fragment)
+
+
+def test_unknown_command_is_one_line_and_no_arguments_is_the_help():
+    result = CliRunner().invoke(app, ["nosuch"], prog_name="perceiver")
+    assert result.exit_code == 2
+    assert_one_error_line(result, "No such command 'nosuch'. (see 'perceiver --help')")
+    result = CliRunner().invoke(app, [], prog_name="perceiver")
+    assert result.exit_code == 2 and "Usage: perceiver" in result.stdout + result.stderr
+    assert "fill" in result.stdout + result.stderr and "error:" not in result.stderr
 
 
 def test_int8_and_threads_options_fill_the_same_spans(tiny_checkpoint):
