@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,15 +92,18 @@ def resolve(
             )
         return ResolvedModel(model, local, weights)
 
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # cheap; the rest of huggingface_hub is not (~0.2 s)
 
     offline = offline or constants.is_offline_mode()
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().absolute()
     hub = _Repo(model, revision, cache, endpoint, offline, progress)
-    if not (update and not offline):
+    # The cache first, before huggingface_hub validates the id in full (the import is the
+    # cost): a repo folder in the cache was made by huggingface_hub for a valid id.
+    if not (update and not offline) and _REPO_ID_SHAPE.fullmatch(model) and "--" not in model and ".." not in model:
         found = hub.from_cache()
         if found is not None:
             return found
+    _check_repo_id(model)
     if offline:
         raise CheckpointError(
             f"{model}{hub.at} is not in the cache ({hub.cache}) and offline mode forbids downloading it"
@@ -147,6 +151,14 @@ def _local_directory(model: str) -> Path | None:
         raise CheckpointError(f"{model} is a file: --model takes a checkpoint directory or a Hub repo id")
     if model.startswith((".", "/", "~")) or "\\" in model or path.is_absolute():
         raise CheckpointError(f"local model directory {model} does not exist")
+    return None
+
+
+_REPO_ID_SHAPE = re.compile(r"(?:[\w.-]+/)?[\w.-]+")  # every valid repo id has this shape
+
+
+def _check_repo_id(model: str) -> None:
+    """huggingface_hub's own validation of a repo id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -155,7 +167,6 @@ def _local_directory(model: str) -> Path | None:
         raise CheckpointError(
             f"--model {model!r} is neither a local directory nor a Hub repo id (like deepmind/language-perceiver)"
         ) from None
-    return None
 
 
 class _Unreadable(Exception):
@@ -167,12 +178,11 @@ class _Repo:
 
     def __init__(self, repo_id, revision, cache: Path, endpoint, offline: bool, progress: bool):
         from huggingface_hub import constants
-        from huggingface_hub.file_download import repo_folder_name
 
         self.repo_id, self.revision, self.cache = repo_id, revision, cache
         self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
         self.offline, self.progress = offline, progress
-        self.folder = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+        self.folder = cache / "--".join(["models", *repo_id.split("/")])  # models--<org>--<name>
         self.refetch: set[str] = set()  # cached files found corrupted: download again
         self.at = f" (revision {revision})" if revision else ""
 
@@ -201,10 +211,22 @@ class _Repo:
         return None
 
     def _cached(self, filename: str, revision: str) -> Path | None:
-        from huggingface_hub import try_to_load_from_cache
+        """`filename` at `revision` (a branch, tag or commit) in the cache, or None.
 
-        path = try_to_load_from_cache(self.repo_id, filename, cache_dir=self.cache, revision=revision)
-        return Path(path) if isinstance(path, str) else None
+        What huggingface_hub's `try_to_load_from_cache` does, without its import: the cache
+        layout is `refs/<branch or tag>` holding a commit, `snapshots/<commit>/<filename>`.
+        """
+        if ".." in Path(revision).parts:
+            return None
+        ref = self.folder / "refs" / revision
+        try:
+            commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+        except (OSError, ValueError):
+            return None
+        if not commit or "/" in commit or commit in (".", ".."):
+            return None
+        path = self.folder / "snapshots" / commit / filename
+        return path if path.is_file() else None
 
     def _is_bad(self, filename: str, path: Path, problem: str | None) -> bool:
         """Note a corrupted cached file for download; offline, fail naming it."""

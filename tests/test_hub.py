@@ -124,6 +124,14 @@ def test_first_run_downloads_and_the_second_makes_no_request(hub, tiny_checkpoin
     assert_filled(second, expected)
     assert hub.requests == []
 
+    # the warm path reads the cache itself: huggingface_hub's download machinery (~0.2 s of
+    # imports) is not even loaded
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys\nfrom perceiver_cli.hub import resolve\nfound = resolve('org/tiny')\n"
+        "print(found.commit, sorted(m for m in sys.modules if m.startswith(('huggingface_hub.file_download', 'httpx'))))"
+    )], env=os.environ, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.split(" ", 1) == [commit, "[]\n"], probe.stderr
+
 
 def test_warm_cache_works_when_the_hub_is_down(hub, tiny_checkpoint, expected):
     commit = hub.add("org/tiny", tiny_checkpoint)
@@ -361,7 +369,8 @@ def test_local_directories_and_bad_model_names(tiny_checkpoint, tmp_path):
     assert fields(local.stdout)["path"] == str(tiny_checkpoint)
 
     assert_fails(cli("download", "--model", "./no-such-dir"), "local model directory ./no-such-dir does not exist")
-    assert_fails(cli("download", "--model", "a/b/c"), "neither a local directory nor a Hub repo id")
+    for bad in ("a/b/c", "org--x", "-org/x", "org/x.git", "org/" + "x" * 97):
+        assert_fails(cli("download", "--model", bad, HF_HUB_OFFLINE="1"), "neither a local directory nor a Hub repo id")
     (tmp_path / "weights.bin").write_bytes(b"x")
     assert_fails(cli("download", "--model", str(tmp_path / "weights.bin")), "is a file")
 
