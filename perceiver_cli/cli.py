@@ -53,6 +53,7 @@ class _OneLineErrors(typer.core.TyperGroup):
 
 app = typer.Typer(
     cls=_OneLineErrors,
+    rich_markup_mode=None,
     help="Fill masked text with DeepMind's byte-level Perceiver IO language model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
