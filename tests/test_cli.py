@@ -9,6 +9,7 @@ separate tests.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -24,7 +25,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from perceiver_cli import masks, render
+from perceiver_cli import cli, masks, render
 from perceiver_cli.cli import app
 from perceiver_cli.filler import MaskFiller
 
@@ -323,6 +324,20 @@ def test_unknown_command_is_one_line_and_no_arguments_is_the_help():
     result = CliRunner().invoke(app, [], prog_name="perceiver")
     assert result.exit_code == 2 and "Usage: perceiver" in result.stdout + result.stderr
     assert "fill" in result.stdout + result.stderr and "error:" not in result.stderr
+
+
+def test_loading_leaves_the_garbage_collector_on_with_the_model_frozen(tiny_checkpoint, tmp_path):
+    gc.unfreeze()
+    try:
+        filler = cli._load_filler(str(tiny_checkpoint), {}, device="cpu")
+        assert gc.isenabled() and gc.get_freeze_count() > 0  # off while loading only
+        assert filler.fill("Hello [MASK:4] world.").spans[0].length == 4
+        gc.unfreeze()
+        with pytest.raises(Exception, match="does not exist"):  # a failed load turns it back on too
+            cli._load_filler(str(tmp_path / "missing"), {}, device="cpu")
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
 
 
 def test_int8_and_threads_options_fill_the_same_spans(tiny_checkpoint):
