@@ -29,14 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TEXT = "This is an incomplete sentence where some words are missing."
 
-# The model card's inference example, reading the same local weights.
+# The model card's inference example (plus a device: argv[1], "cpu" by default).
 MODEL_CARD = """
 import sys
 from transformers import PerceiverTokenizer, PerceiverForMaskedLM
 import torch
 
+device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 tokenizer = PerceiverTokenizer()
-model = PerceiverForMaskedLM.from_pretrained("deepmind/language-perceiver")
+model = PerceiverForMaskedLM.from_pretrained("deepmind/language-perceiver").to(device)
 
 text = "This is an incomplete sentence where some words are missing."
 encoding = tokenizer(text, padding="max_length", return_tensors="pt")
@@ -44,7 +45,7 @@ encoding = tokenizer(text, padding="max_length", return_tensors="pt")
 encoding["input_ids"][0, 52:61] = tokenizer.mask_token_id
 
 with torch.no_grad():
-    outputs = model(**encoding)
+    outputs = model(**encoding.to(device))
 logits = outputs.logits
 masked_tokens_predictions = logits[0, 52:61].argmax(dim=-1).tolist()
 print(tokenizer.decode(masked_tokens_predictions))
@@ -88,6 +89,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "perceiver-bench-full")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine: the reference in fp32 there, "
+                    "ours in bf16/fp16, and no int8 (CPU only); peak RSS does not count GPU memory")
     args = ap.parse_args()
     weights = full_size_weights(args.weights)
     home = Path(tempfile.mkdtemp(prefix="perceiver-bench-home-"))
@@ -100,13 +103,15 @@ def main() -> None:
     script.write_text(MODEL_CARD)
     perceiver = [sys.executable, "-m", "perceiver_cli"]
     # --strategy oneshot: the same single forward pass as the model card's script.
-    fill = [*perceiver, "fill", "--device", "cpu", "--strategy", "oneshot", f"{TEXT[:51]} [MASK:9]"]
+    fill = [*perceiver, "fill", "--device", args.device, "--strategy", "oneshot", f"{TEXT[:51]} [MASK:9]"]
     cases = {
-        "reference (model card script)": [sys.executable, str(script)],
-        "perceiver fill": fill,
+        "reference (model card script)": [sys.executable, str(script), args.device],
+        f"perceiver fill --device {args.device}": fill,
         "perceiver fill --quantize int8": [*fill, "--quantize", "int8"],
         "perceiver --help": [*perceiver, "--help"],
     }
+    if args.device != "cpu":
+        del cases["perceiver fill --quantize int8"]
     for cmd in cases.values():  # warm-up: page cache, int8 cache, .pyc files
         run(cmd, env)
     results = {name: [] for name in cases}
@@ -116,7 +121,7 @@ def main() -> None:
     med = {name: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for name, r in results.items()}
     ref_wall, ref_mem = med["reference (model card script)"]
     print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-          f"{args.runs} runs after a warm-up, warm page cache and Hub cache (the model by its repo id)\n")
+          f"device {args.device}, {args.runs} runs after a warm-up, warm page cache and Hub cache (the model by its repo id)\n")
     print("| command | wall (median) | vs reference | peak RSS (median) | vs reference |")
     print("|---|---|---|---|---|")
     for name, (wall, mem) in med.items():
