@@ -168,8 +168,9 @@ def _check_options(*, text, top_k, max_span, device, threads, batch, batch_size,
     """Option errors, before anything is read or loaded (`InputError`: exit 2)."""
     from .errors import InputError
 
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be at least 1 (got {threads})")
+    cpus = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= cpus:  # more only slows down; far more crashes OpenMP
+        raise InputError(f"--threads must be between 1 and {cpus}, this machine's CPUs (got {threads})")
     if top_k < 1:
         raise InputError(f"--top-k must be at least 1 (got {top_k})")
     if max_span < 1:

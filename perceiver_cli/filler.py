@@ -19,6 +19,7 @@ How a text becomes model passes:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -171,8 +172,9 @@ class MaskFiller:
         if quantize not in (None, "none", "int8"):
             raise InputError(f"unknown quantization {quantize!r}: use int8 or none")
         if threads is not None:
-            if threads < 1:
-                raise InputError("threads must be at least 1")
+            cpus = os.cpu_count() or 1
+            if not 1 <= threads <= cpus:
+                raise InputError(f"threads must be between 1 and {cpus}, this machine's CPUs (got {threads})")
             torch.set_num_threads(threads)
         dev = pick_device(device)
         if quantize == "int8" and dev.type != "cpu":

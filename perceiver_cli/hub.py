@@ -144,6 +144,8 @@ def _config_problem(path: Path) -> str | None:
 
 def _local_directory(model: str) -> Path | None:
     """`model` as a local directory; None when it is to be read as a Hub repo id."""
+    if not model.strip():  # Path("") would be the current directory
+        raise InputError("--model is empty: give a Hub repo id (like deepmind/language-perceiver) or a checkpoint directory")
     path = Path(model).expanduser()
     if path.is_dir():
         return path.absolute()

@@ -151,7 +151,7 @@ def search(run: Run, jobs: list[Job], top_k: int, *, width: int = 1, max_passes:
                 base_chosen[rest[r]] = (float(best[r]), logp[r])
                 base_score += float(best[r])
             r = order[0]
-            values, indices = byte_logp[r].topk(width)
+            values, indices = byte_logp[r].topk(min(width, byte_logp.shape[-1]))  # -k may exceed 256 bytes
             for v, b in zip(values.tolist(), indices.tolist()):
                 ids = list(base_ids)
                 ids[rest[r]] = b + NUM_SPECIAL

@@ -294,7 +294,8 @@ BAD = [
     ("unknown-device", ["--device", "tpu", "a [MASK]"], None, 2, "unknown device 'tpu'"),
     ("unknown-strategy", ["--strategy", "guess", "a [MASK]"], None, 2, "unknown strategy 'guess'"),
     ("unknown-quantization", ["--quantize", "int4", "a [MASK]"], None, 2, "unknown quantization 'int4'"),
-    ("threads-0", ["--threads", "0", "a [MASK]"], None, 2, "--threads must be at least 1"),
+    ("threads-0", ["--threads", "0", "a [MASK]"], None, 2, "--threads must be between 1 and"),
+    ("threads-too-many", ["--threads", "20000", "a [MASK]"], None, 2, "this machine's CPUs (got 20000)"),
     ("missing-batch-file", ["--batch", "/nonexistent/lines.txt"], None, 2, "cannot read /nonexistent/lines.txt"),
     ("batch-directory", ["--batch", "/"], None, 2, "cannot read /: Is a directory"),
     ("text-and-batch", ["--batch", "-", "a [MASK]"], None, 2, "either TEXT or --batch"),
@@ -338,6 +339,18 @@ def test_loading_leaves_the_garbage_collector_on_with_the_model_frozen(tiny_chec
         assert gc.isenabled()
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("strategy", ["oneshot", "iterative", "beam"])
+def test_top_k_beyond_the_byte_alphabet_lists_every_candidate_once(filler, strategy):
+    candidates = [c.data for c in filler.fill("a [MASK:1] b", strategy=strategy, top_k=300).spans[0].candidates]
+    assert len(candidates) == len(set(candidates)) == 256  # a one-byte span has 256 fills
+
+
+def test_empty_model_name_is_bad_input():
+    result = CliRunner().invoke(app, ["fill", "-m", "", "a [MASK]"], prog_name="perceiver")
+    assert result.exit_code == 2
+    assert_one_error_line(result, "--model is empty")
 
 
 def test_int8_and_threads_options_fill_the_same_spans(tiny_checkpoint):
