@@ -169,6 +169,7 @@ class MaskFiller:
         from .checkpoint import load_model, weights_file
         from .hub import resolve_model
 
+        quantize = quantize.lower() if isinstance(quantize, str) else quantize  # as --device: any case
         if quantize not in (None, "none", "int8"):
             raise InputError(f"unknown quantization {quantize!r}: use int8 or none")
         if threads is not None:

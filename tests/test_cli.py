@@ -354,7 +354,7 @@ def test_empty_model_name_is_bad_input():
 
 
 def test_int8_and_threads_options_fill_the_same_spans(tiny_checkpoint):
-    result = invoke(tiny_checkpoint, "--quantize", "int8", "--threads", "1", "--json", DOC)
+    result = invoke(tiny_checkpoint, "--quantize", "INT8", "--threads", "1", "--json", DOC)  # any case, as --device
     assert result.exit_code == 0, result.stderr
     spans = json.loads(result.stdout)["spans"]
     assert spans[0]["length"] == 4
