@@ -2,11 +2,13 @@
 
     python scripts/bench_batch.py [--runs 5] [--batch-size 8] [--lines 64]
     python scripts/bench_batch.py --dry-run      # tiny random model, one run: checks the script works
+    python scripts/bench_batch.py --int8         # also ours with --quantize int8
 
 On full-size random weights (saved by the reference, loaded by our loader), for N lines of
 40-200 bytes with one `[MASK:n]` each (n = 3..8), in one run:
 
-- ours: `MaskFiller.fill_many(lines)`: our batching (windows sorted by length, padding
+- ours: `MaskFiller.fill_many(lines, strategy="oneshot")` (one pass and the argmax, as the
+  reference; the library's default, iterative, runs two passes for better fills): our batching (windows sorted by length, padding
   only to the longest of a batch, the encoder mask making it exact, decoding only the
   masked positions);
 - reference: `PerceiverForMaskedLM` in batches of --batch-size lines in input order, as
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=64)
     ap.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "perceiver-bench-full",
                     help="where the random full-size weights are saved (created once, then reused)")
+    ap.add_argument("--int8", action="store_true", help="also time ours with int8 matrix products (quantize.py)")
     ap.add_argument("--dry-run", action="store_true",
                     help="a tiny random model, one run, 8 lines of 20-55 bytes: checks that the script works")
     args = ap.parse_args()
@@ -123,9 +126,14 @@ def main() -> None:
     lines = make_lines(args.lines, lo=20, hi=55) if args.dry_run else make_lines(args.lines)
     inputs = reference_inputs(lines)
     cases = {
-        "ours: fill_many": lambda: [r.spans[0].data for r in ours.fill_many(lines)],
+        "ours: fill_many": lambda: [r.spans[0].data for r in ours.fill_many(lines, strategy="oneshot")],
         "reference, padded batches": lambda: reference_batches(ref, tok, inputs, args.batch_size),
     }
+    if args.int8:
+        from perceiver_cli.quantize import quantize_int8
+
+        int8 = MaskFiller(quantize_int8(load_model(directory)), "cpu", batch_size=args.batch_size)
+        cases["ours: fill_many, int8"] = lambda: [r.spans[0].data for r in int8.fill_many(lines, strategy="oneshot")]
     with torch.inference_mode():
         fills = {name: fn() for name, fn in cases.items()}  # warm-up, and the fills to compare
         times: dict[str, list[float]] = {name: [] for name in cases}
@@ -139,14 +147,16 @@ def main() -> None:
     floor = work / rate
     med = {name: statistics.median(t) for name, t in times.items()}
     ours_s = med["ours: fill_many"]
-    agree = sum(a == b for a, b in zip(*fills.values()))
+    agree = sum(a == b for a, b in zip(fills["ours: fill_many"], fills["reference, padded batches"]))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{'tiny dry-run' if args.dry_run else 'full-size'} random weights, {args.lines} lines "
           f"of {'20-55' if args.dry_run else '40-200'} bytes, "
           f"batch size {args.batch_size}, median of {args.runs} runs")
     print(f"fp32 matmul rate {rate / 1e9:.0f} GFLOP/s; the work = {work / 1e9:.1f} GFLOP; "
-          f"fills identical to the reference's: {agree}/{args.lines}\n")
+          f"fills identical to the reference's: {agree}/{args.lines}"
+          + (f"; int8 fills equal to fp32's: {sum(a == b for a, b in zip(fills['ours: fill_many'], fills['ours: fill_many, int8']))}/{args.lines}"
+             if args.int8 else "") + "\n")
     print("| what | median | lines/s | vs reference | vs FLOP floor |")
     print("|---|---|---|---|---|")
     ref_s = med["reference, padded batches"]
