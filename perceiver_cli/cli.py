@@ -288,6 +288,7 @@ def fill(
     explain: bool = typer.Option(False, "--explain", help="Show each masked byte's top candidates."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.", autocompletion=_complete_device),
     quantize: str = typer.Option("none", "--quantize", help="int8: faster CPU matrix products, fills close to fp32's (none: exact)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, else float32: exact), float32, bfloat16 or float16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch's CPU threads (default: all cores)."),
     offline: bool = OfflineOpt,
     batch: Optional[str] = typer.Option(None, "--batch", help="Fill each line of FILE ('-' = stdin) independently."),
@@ -319,7 +320,8 @@ def fill(
         options = dict(top_k=top_k, max_span=max_span, mask_token=mask_token)
         if strategy is not None:  # else the library's default (strategies.DEFAULT_STRATEGY)
             options["strategy"] = strategy
-        load = dict(revision=revision, device=device, offline=offline, batch_size=batch_size, quantize=quantize, threads=threads)
+        load = dict(revision=revision, device=device, offline=offline, batch_size=batch_size, quantize=quantize, threads=threads,
+                    dtype=dtype)
         if batch is not None:
             from . import batch as batch_mode
 

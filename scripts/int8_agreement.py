@@ -2,6 +2,10 @@
 
     python scripts/int8_agreement.py [--model tests/assets/perceiver-small]
                                      [--cases tests/assets/eval/test.jsonl]
+                                     [--variant int8|bfloat16|float16]
+
+`--variant bfloat16` / `float16` compares those weight dtypes (what `--device cuda` may
+run) with fp32 instead, here on the CPU.
 
 For every evaluation case (one masked word per sentence), the fill with int8 matrix
 products is compared with the fp32 fill, for `oneshot` and the default strategy at the
@@ -23,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from eval_fill import load_cases, text_of  # noqa: E402
 
 from perceiver_cli.checkpoint import load_model  # noqa: E402
-from perceiver_cli.filler import MaskFiller  # noqa: E402
+from perceiver_cli.filler import DTYPES, MaskFiller  # noqa: E402
 from perceiver_cli.quantize import quantize_int8  # noqa: E402
 
 
@@ -31,12 +35,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "tests/assets/perceiver-small"))
     ap.add_argument("--cases", default=str(ROOT / "tests/assets/eval/test.jsonl"))
+    ap.add_argument("--variant", default="int8", choices=["int8", "bfloat16", "float16"])
     args = ap.parse_args()
     cases = load_cases(args.cases, None)
     fp32 = MaskFiller(load_model(args.model))
-    int8 = MaskFiller(quantize_int8(load_model(args.model), Path(tempfile.mkdtemp()) / "int8.safetensors"))
+    if args.variant == "int8":
+        other = MaskFiller(quantize_int8(load_model(args.model), Path(tempfile.mkdtemp()) / "int8.safetensors"))
+    else:
+        other = MaskFiller(load_model(args.model, dtype=DTYPES[args.variant]))
     print(f"{len(cases)} cases from {args.cases}, model {args.model}, torch {torch.__version__}\n")
-    print("| fill | int8 = fp32 |")
+    print(f"| fill | {args.variant} = fp32 |")
     print("|---|---|")
     for label, sized, strategy in [("oneshot, `[MASK:N]`", True, "oneshot"),
                                    ("default strategy, `[MASK:N]`", True, None),
@@ -44,7 +52,7 @@ def main() -> None:
         texts = [text_of(c, sized) for c in cases]
         options = {"strategy": strategy} if strategy else {}
         a = fp32.fill_many(texts, **options)
-        b = int8.fill_many(texts, **options)
+        b = other.fill_many(texts, **options)
         same = sum(x.data == y.data for x, y in zip(a, b))
         print(f"| {label} | {same}/{len(cases)} = {same / len(cases):.1%} |")
 

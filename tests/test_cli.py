@@ -296,6 +296,8 @@ BAD = [
     ("unknown-quantization", ["--quantize", "int4", "a [MASK]"], None, 2, "unknown quantization 'int4'"),
     ("threads-0", ["--threads", "0", "a [MASK]"], None, 2, "--threads must be between 1 and"),
     ("threads-too-many", ["--threads", "20000", "a [MASK]"], None, 2, "this machine's CPUs (got 20000)"),
+    ("unknown-dtype", ["--dtype", "double", "a [MASK]"], None, 2, "unknown dtype 'double'"),
+    ("int8-in-half-precision", ["--quantize", "int8", "--dtype", "fp16", "a [MASK]"], None, 2, "use float32"),
     ("missing-batch-file", ["--batch", "/nonexistent/lines.txt"], None, 2, "cannot read /nonexistent/lines.txt"),
     ("batch-directory", ["--batch", "/"], None, 2, "cannot read /: Is a directory"),
     ("text-and-batch", ["--batch", "-", "a [MASK]"], None, 2, "either TEXT or --batch"),
@@ -351,6 +353,38 @@ def test_empty_model_name_is_bad_input():
     result = CliRunner().invoke(app, ["fill", "-m", "", "a [MASK]"], prog_name="perceiver")
     assert result.exit_code == 2
     assert_one_error_line(result, "--model is empty")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 5e-3), ("bfloat16", 3e-2)])
+def test_half_precision_logits_are_close_to_float32(tiny_checkpoint, dtype, tolerance):
+    from perceiver_cli.checkpoint import load_model
+    from perceiver_cli.filler import DTYPES
+
+    ids = torch.tensor([[1, 72, 101, 3, 3, 111, 33, 2, 0, 0]])
+    with torch.inference_mode():
+        exact = load_model(tiny_checkpoint)(ids, ids != 0)
+        half = load_model(tiny_checkpoint, dtype=DTYPES[dtype])(ids, ids != 0)
+    assert half.dtype == DTYPES[dtype]
+    assert (half.float() - exact).abs().max() <= tolerance * exact.abs().max()
+    result = invoke(tiny_checkpoint, "--dtype", dtype, "--json", "Hello [MASK:4] world.")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["spans"][0]["length"] == 4
+
+
+def test_float16_overflow_is_one_error_line_naming_float32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from .conftest import make_reference
+
+    make_reference(tmp_path, **TINY)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["perceiver.input_preprocessor.embeddings.weight"] *= 1e6  # beyond float16's 65504
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    result = invoke(tmp_path, "--dtype", "float16", "a [MASK:2] b")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert_one_error_line(result, "float16 overflowed on this input")
+    assert "--dtype float32" in result.stderr
+    assert invoke(tmp_path, "a [MASK:2] b").exit_code == 0  # float32 copes
 
 
 def test_int8_and_threads_options_fill_the_same_spans(tiny_checkpoint):
