@@ -421,6 +421,8 @@ def main():
         code = 0
     except SystemExit as e:
         code = e.code
+        if code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            code = EXIT_BROKEN_PIPE  # Typer's own closed-pipe exit (e.g. `--help | head -1`), as ours
     if "torch" not in sys.modules:
         sys.exit(code)  # --help, --version, usage errors: the ordinary exit
     if code is None:

@@ -536,6 +536,7 @@ def processes(tiny_checkpoint, tmp_path_factory):
     start("head", f"{quoted} < '{big}' | head -c1", shell=True, executable="/bin/bash")
     # the reader is gone long before the filler writes: the write meets a closed pipe
     start("closed", f"{quoted} < '{big}' | true; exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash")
+    start("help-closed", f"{quoted} --help | true; exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash")
     start("bad", [*cmd, "no marker here"])
     start("help", [sys.executable, "-c", (
         "import sys\nfrom typer.testing import CliRunner\nfrom perceiver_cli.cli import app\n"
@@ -585,6 +586,8 @@ def test_process_closed_pipe_ends_quietly(processes):
     assert code == 0 and len(out) == 1 and err == b""  # `| head -c1`: one byte, nothing on stderr
     code, _, err = processes["closed"]
     assert err == b"" and code == 141  # like a process ended by SIGPIPE, without a word
+    code, _, err = processes["help-closed"]
+    assert err == b"" and code == 141  # the help too
 
 
 def test_process_bad_input_exit_code(processes):
