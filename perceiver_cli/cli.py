@@ -373,7 +373,7 @@ def info(
     offline: bool = OfflineOpt,
     device: str = DeviceOpt,
 ):
-    """Show the resolved model, revision, cache path, size, parameter count and device.
+    """Show the resolved model, revision, cache path, size, parameter count, device and dtype.
 
     \b
     perceiver info
@@ -383,12 +383,13 @@ def info(
 
     with _failures(), _startup():
         from .checkpoint import load_model
-        from .filler import pick_device
+        from .filler import pick_device, pick_dtype
 
-        where = pick_device(device)  # what `fill --device` would use
+        where = pick_device(device)  # what `fill --device` would use, and its default --dtype
         found = resolve(model, revision, offline=offline, progress=sys.stderr.isatty())
         parameters = sum(p.numel() for p in load_model(found.directory).parameters())  # memory-mapped: cheap
-        _print_fields(_model_fields(found) + [("parameters", f"{parameters:,}"), ("device", str(where))])
+        dtype = str(pick_dtype(None, where)).removeprefix("torch.")
+        _print_fields(_model_fields(found) + [("parameters", f"{parameters:,}"), ("device", str(where)), ("dtype", dtype)])
 
 
 def _model_fields(found) -> list[tuple[str, str]]:

@@ -358,7 +358,7 @@ def test_download_and_info_say_where_the_model_lives(hub, tiny_checkpoint):
     info = cli("info", "--model", "org/tiny", "--device", "cpu")
     assert info.returncode == 0, info.stderr
     parameters = sum(p.numel() for p in load_model(tiny_checkpoint).parameters())
-    assert fields(info.stdout) == {**out, "parameters": f"{parameters:,}", "device": "cpu"}
+    assert fields(info.stdout) == {**out, "parameters": f"{parameters:,}", "device": "cpu", "dtype": "float32"}
     assert hub.requests == []
 
 
