@@ -140,27 +140,22 @@ class Attention(nn.Module):
         return self.o(y)  # (B, M, out)
 
 
-class Table(nn.Module):
-    """An embedding table. Unlike nn.Embedding it skips random init on the meta device:
-    that init alone imports torch._dynamo, seconds of start-up for every CLI run."""
-
-    def __init__(self, num: int, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num, dim))
-        if self.weight.device.type != "meta":
-            nn.init.normal_(self.weight)  # nn.Embedding's default
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
-
-
-class Linear(nn.Linear):
-    """nn.Linear without its random init on the meta device, where the checkpoint's
-    weights replace it anyway (168 of them: ~30 ms of every start)."""
+class _NoMetaInit:
+    """Skips a layer's random init on the meta device, where the checkpoint's weights
+    replace it anyway: for nn.Embedding that init alone imports torch._dynamo (seconds of
+    every CLI start), for the 168 nn.Linear layers it costs ~30 ms."""
 
     def reset_parameters(self) -> None:
         if self.weight.device.type != "meta":
             super().reset_parameters()
+
+
+class Linear(_NoMetaInit, nn.Linear):
+    pass
+
+
+class Embedding(_NoMetaInit, nn.Embedding):
+    pass
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -200,8 +195,8 @@ class PerceiverMaskedLM(nn.Module):
     def __init__(self, cfg: PerceiverConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = Table(cfg.vocab_size, cfg.d_model)  # tied to the output projection
-        self.pos_embed = Table(cfg.max_position_embeddings, cfg.d_model)
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model)  # tied to the output projection
+        self.pos_embed = Embedding(cfg.max_position_embeddings, cfg.d_model)
         self.latents = nn.Parameter(torch.empty(cfg.num_latents, cfg.d_latents))
         cross = Attention(
             cfg.d_latents, cfg.d_model, cfg.encoder_cross_qk, cfg.encoder_cross_v,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -185,3 +188,14 @@ def test_full_size_logits_match_at_every_position(full_size):
     with torch.no_grad():
         got = ours(torch.tensor([ids]))[0]
     assert (got - expected).abs().max().item() <= ATOL
+
+
+def test_loading_skips_random_init_and_never_imports_dynamo(tiny_checkpoint):
+    """Built on the meta device, the layers skip their random init: nn.Embedding's alone
+    would import torch._dynamo, seconds of every CLI start."""
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys\nfrom perceiver_cli.checkpoint import load_model\nload_model(sys.argv[1])\n"
+        "print('torch._dynamo' in sys.modules)"
+    ), str(tiny_checkpoint)], capture_output=True, text=True, timeout=120)
+    assert probe.stdout == "False\n", probe.stderr
+
