@@ -240,5 +240,10 @@ class PerceiverMaskedLM(nn.Module):
             positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         return self.decode(self.encode(ids, mask), positions)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (the one place a filler learns its device from)."""
+        return self.out_bias.device
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

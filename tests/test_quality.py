@@ -16,6 +16,7 @@ import torch
 from perceiver_cli import strategies
 from perceiver_cli.checkpoint import load_model
 from perceiver_cli.filler import MaskFiller
+from perceiver_cli.options import FillOptions
 from perceiver_cli.strategies import Job, search
 
 ASSETS = Path(__file__).parent / "assets"
@@ -26,7 +27,7 @@ FREQUENT = (" the", " of", " to", " and", " a", " is", " in")
 @pytest.fixture(scope="module")
 def filler() -> MaskFiller:
     torch.set_num_threads(1)
-    return MaskFiller(load_model(SMALL), "cpu", batch_size=64)
+    return MaskFiller(load_model(SMALL), batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_the_from_the_test_split(filler):
 
 def test_frequent_words_come_out_right(filler, frequent_cases):
     assert len(frequent_cases) >= 40
-    results = filler.fill_many([sized(c) for c in frequent_cases], strategy=strategies.DEFAULT_STRATEGY)
+    results = filler.fill_many([sized(c) for c in frequent_cases], strategy=FillOptions.strategy)
     right = sum(r.spans[0].data == c["answer"].encode() for r, c in zip(results, frequent_cases))
     assert right / len(frequent_cases) >= 0.5, f"{right}/{len(frequent_cases)}"
 
@@ -122,12 +123,12 @@ def test_iterative_feeds_bytes_back():
         return out
 
     job = Job(ids=[4, 100, 3, 3, 5], spans=[(2, 2)], targets=[0])
-    assert strategies.oneshot(run, [job], 1)[0][0].data == b"az"
+    assert strategies.oneshot(run, [job], FillOptions())[0][0].data == b"az"
     calls.clear()
-    fill = search(run, [job], 1)[0][0]
+    fill = search(run, [job], FillOptions())[0][0]
     assert fill.data == b"ab" and calls == [2, 1]  # two passes: both positions, then the rest
     calls.clear()
-    assert search(run, [job], 1, max_passes=1)[0][0].data == b"az" and calls == [2]
+    assert search(run, [job], FillOptions(), max_passes=1)[0][0].data == b"az" and calls == [2]
 
 
 @pytest.mark.parametrize("strategy", sorted(strategies.STRATEGIES))
@@ -145,7 +146,7 @@ def test_never_a_special_id(strategy):
         return out
 
     job = Job(ids=[4, 100, 3, 3, 3, 5], spans=[(2, 3)], targets=[0])
-    fill = strategies.STRATEGIES[strategy](run, [job], 2)[0][0]
+    fill = strategies.STRATEGIES[strategy](run, [job], FillOptions(top_k=2))[0][0]
     assert fill.data == b"xxx" and fill.byte_logprobs == [-5.0] * 3
     (first, first_score), (second, second_score) = fill.candidates
     assert first == b"xxx" and first_score == pytest.approx(-15.0)

@@ -1,0 +1,101 @@
+"""Auto length: the byte length of each `[MASK]` span, chosen before any strategy runs.
+
+1. Probe: one pass with `max_span` masked bytes per `[MASK]`. Its first word gives every
+   auto span a provisional length, and its byte distributions give each length L the
+   probability that the word ends there (no boundary byte before L, one at L); the
+   `length_candidates` most probable lengths are kept (all lengths when None; with 0 the
+   provisional length stands, no scoring pass).
+2. Score: one pass per candidate length (all batched), the other auto spans at their
+   provisional length; a length scores (sum of its best-byte log-probabilities) /
+   L ** length_alpha + length_prior * log P(the probe's word ends at L), where an absorbed
+   leading space counts in neither the sum nor L; the best score wins.
+
+The parameters are `FillOptions` fields, tuned on the validation split of the small
+model's corpus only (scripts/eval_fill.py --tune, QUALITY.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .options import FillOptions
+from .strategies import Job, Run, _split, choosable
+
+
+@dataclass
+class LengthRequest:
+    """The spans of one text."""
+
+    lengths: list[int | None]  # None: auto length
+    space: list[bool]  # the span starts with an absorbed space
+    make_jobs: Callable[[list[int]], list[Job]]  # the jobs of the text at the given lengths
+
+
+def choose_lengths(run: Run, requests: list[LengthRequest], options: FillOptions) -> list[list[int]]:
+    """Byte lengths of every span; each `[MASK]` span gets a scored length (module docstring)."""
+    lengths = [[n if n is not None else options.max_span for n in r.lengths] for r in requests]
+    probing = [i for i, r in enumerate(requests) if None in r.lengths]
+    proposals: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    jobs = [(i, job) for i in probing for job in requests[i].make_jobs(lengths[i])]
+    for (i, job), logp in zip(jobs, run([(job.ids, job.positions()) for _, job in jobs])):
+        for s, span_logp in zip(job.targets, _split(logp, job)):
+            if requests[i].lengths[s] is None:
+                space = requests[i].space[s]
+                scores = choosable(span_logp, options)
+                lengths[i][s] = _first_word_length(bytes(scores.argmax(-1).tolist()), space)
+                proposals[i, s] = _length_proposals(scores, space, options.length_candidates)
+    scored = []  # (request, span, length, P(word ends there), job)
+    for (i, s), candidates in proposals.items():
+        for n, p_end in candidates:
+            trial = list(lengths[i])
+            trial[s] = n
+            job = next(job for job in requests[i].make_jobs(trial) if s in job.targets)
+            scored.append((i, s, n, p_end, job))
+    best: dict[tuple[int, int], tuple[float, int]] = {}
+    logps = run([(job.ids, job.positions()) for *_, job in scored])
+    for (i, s, n, p_end, job), logp in zip(scored, logps):
+        lps = choosable(_split(logp, job)[job.targets.index(s)], options).max(-1).values  # each byte's best
+        lead = 1 if requests[i].space[s] else 0  # the absorbed space is nearly free: not counted
+        score = float(lps[lead:].sum()) / (n - lead) ** options.length_alpha
+        score += options.length_prior * math.log(max(p_end, 1e-30))
+        if (i, s) not in best or score > best[i, s][0]:
+            best[i, s] = (score, n)
+    for (i, s), (_, n) in best.items():
+        lengths[i][s] = n
+    return lengths
+
+
+_BOUNDARY = torch.tensor([not (chr(b).isalnum() or b >= 128) for b in range(256)])
+
+
+def _length_proposals(scores: torch.Tensor, space: bool, k: int | None) -> list[tuple[int, float]]:
+    """(length, probability that the word ends there), most probable first, from a probe's
+    (max_span, 256) byte log-probabilities: no boundary byte before the length, one at it."""
+    first = 2 if space else 1  # a span that took a space needs a byte after it
+    n = scores.shape[0]
+    if k == 0:  # no scoring: the probe's first word decides
+        return []
+    p = scores.exp()
+    boundary = (p * _BOUNDARY).sum(-1) / p.sum(-1)  # (n,) P(byte j is not part of a word)
+    inside = 1.0 - boundary
+    proposals = []
+    for length in range(first, n + 1):
+        word = inside[first - 1 : length].prod()  # bytes after the space are word bytes
+        end = boundary[length] if length < n else torch.tensor(1.0)
+        proposals.append((length, float(word * end)))
+    proposals.sort(key=lambda t: -t[1])
+    return proposals if k is None else proposals[:k]
+
+
+def _first_word_length(probe: bytes, space: bool) -> int:
+    start = 1 if space else 0
+    while start < len(probe) and probe[start : start + 1] == b" ":  # a run of spaces is not a word
+        start += 1
+    end = start
+    while end < len(probe) and probe[end : end + 1] not in (b" ", b"\n", b"\r", b"\t"):
+        end += 1
+    return max(1, end)

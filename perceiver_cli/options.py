@@ -1,0 +1,202 @@
+"""The options of loading a model and of filling text: every default and every rule, once.
+
+    load = LoadOptions(model="tests/assets/perceiver-small", threads=1)
+    fill = FillOptions(strategy="oneshot", top_k=3)
+    MaskFiller.from_pretrained(load).fill("Hello [MASK:6].", fill)
+
+Both are frozen dataclasses that validate themselves when built: a bad value raises
+`OptionError` (an `InputError`: exit 2 on the command line) with one message naming the
+option. The CLI, batch mode, the server and the scripts all build these objects, so a
+default or a bound is written here and nowhere else; the CLI's `--help` reads its
+defaults from them. Rules that need the model (a `max_span` longer than the model's
+window) are checked by `MaskFiller` against the loaded model.
+
+This module imports no torch: the CLI validates options before the ~2 s torch import,
+and the server's client never imports torch at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .errors import InputError
+
+DEFAULT_MODEL = "deepmind/language-perceiver"
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+QUANTIZE = ("none", "int8")
+STRATEGIES = ("iterative", "beam", "oneshot")
+MAX_BATCH_SIZE = 256  # windows per forward pass; a full-size pass of 256 texts needs ~1 GB
+MAX_TOP_K = 256  # candidates per span: one per byte value of a one-byte span
+
+
+class OptionError(InputError):
+    """A bad option value. `name` is the option's field name (`top_k`); the CLI shows it as
+    its flag (`--top-k`), a Python caller sees the field name."""
+
+    def __init__(self, name: str, rule: str):
+        self.name, self.rule = name, rule
+        super().__init__(f"{name} {rule}")
+
+    def flag(self) -> str:
+        """The message with the command-line flag in place of the field name."""
+        return f"--{self.name.replace('_', '-')} {self.rule}"
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask), not the machine's core count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _whole(name: str, value: Any, lo: int, hi: int | None = None, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionError(name, f"must be a whole number (got {value!r})")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}{what}" if hi is not None else f"at least {lo}{what}"
+        raise OptionError(name, f"must be {bound} (got {value})")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...], aliases: dict[str, str] | None = None) -> str:
+    if not isinstance(value, str):
+        raise OptionError(name, f"must be one of {', '.join(allowed)} (got {value!r})")
+    key = value.strip().lower()
+    key = (aliases or {}).get(key, key)
+    if key not in allowed:
+        raise OptionError(name, f"must be one of {', '.join(allowed)} (got {value!r})")
+    return key
+
+
+class _Options:
+    """What both option classes share: `replace` with validation, and plain dicts."""
+
+    def replace(self, **changes):
+        """A copy with `changes` applied and validated; an unknown name is an `OptionError`."""
+        names = {f.name for f in fields(self)}  # type: ignore[arg-type]
+        for name in changes:
+            if name not in names:
+                raise OptionError(name, f"is not an option of {type(self).__name__} (options: {', '.join(sorted(names))})")
+        return replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """From a plain dict (a JSON request): unknown keys are an `OptionError`."""
+        if not isinstance(values, dict):
+            raise InputError(f"{cls.__name__} must be given as an object of option names and values")
+        return cls().replace(**values)
+
+
+@dataclass(frozen=True)
+class LoadOptions(_Options):
+    """How to load a model. The defaults reproduce the reference on the CPU."""
+
+    model: str = DEFAULT_MODEL  # a Hub repo id or a local checkpoint directory
+    revision: str | None = None  # a Hub branch, tag or commit; None: the repo's main branch
+    device: str = "auto"  # auto takes CUDA, then MPS, then the CPU
+    dtype: str = "auto"  # auto: float16 on CUDA (fast), float32 elsewhere (exact)
+    quantize: str = "none"  # int8: faster CPU products, fills close to float32's
+    threads: int | None = None  # torch CPU threads; None: the CPUs this process may use
+    offline: bool = False  # never use the network: the cache or a local directory only
+    batch_size: int = 8  # windows per forward pass (memory grows with it)
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise OptionError(
+                "model", "is empty: give a Hub repo id (like deepmind/language-perceiver) or a checkpoint directory"
+            )
+        if self.revision is not None:
+            if not isinstance(self.revision, str):
+                raise OptionError("revision", f"must be a string (got {self.revision!r})")
+            check_revision(self.revision)
+        object.__setattr__(self, "device", _device(self.device))
+        object.__setattr__(self, "dtype", _choice("dtype", self.dtype or "auto", DTYPES, DTYPE_ALIASES))
+        object.__setattr__(self, "quantize", _choice("quantize", self.quantize or "none", QUANTIZE))
+        if self.threads is not None:
+            cpus = cpu_count()  # more only slows down; far more crashes OpenMP
+            _whole("threads", self.threads, 1, cpus, ", the CPUs this process may use")
+        if not isinstance(self.offline, bool):
+            raise OptionError("offline", f"must be true or false (got {self.offline!r})")
+        _whole("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        if self.quantize == "int8":
+            if self.device not in ("auto", "cpu"):
+                raise OptionError("quantize", "int8 runs on the CPU only: use device cpu")
+            if self.dtype not in ("auto", "float32"):
+                raise OptionError("quantize", "int8 keeps the other products in float32: leave dtype at auto or float32")
+
+
+def _device(value: Any) -> str:
+    if not isinstance(value, str):
+        raise OptionError("device", f"must be one of auto, cpu, cuda, cuda:N, mps (got {value!r})")
+    name = value.strip().lower() or "auto"
+    if name in DEVICES or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise OptionError("device", f"must be one of auto, cpu, cuda, cuda:N, mps (got {value!r})")
+
+
+def check_revision(revision: str) -> None:
+    """A revision must be a plain branch or tag name or a commit: never a path that could
+    make a download land outside the cache (`..`, a leading `/`, a backslash, control
+    characters). Checked before any network request."""
+    bad = (
+        not revision
+        or revision != revision.strip()
+        or revision.startswith("/")
+        or revision.endswith("/")
+        or "\\" in revision
+        or any(part in ("", ".", "..") for part in revision.split("/"))
+        or any(ord(c) < 32 or ord(c) == 127 for c in revision)
+        or not revision.isprintable()
+    )
+    try:
+        revision.encode("utf-8")
+    except UnicodeEncodeError:
+        bad = True
+    if bad:
+        raise OptionError("revision", f"{revision!r} is not a branch, tag or commit name")
+
+
+@dataclass(frozen=True)
+class FillOptions(_Options):
+    """How to fill spans. The defaults were chosen on the validation split (QUALITY.md)."""
+
+    strategy: str = "iterative"  # iterative (best quality per pass), beam, or oneshot (exactly the reference)
+    top_k: int = 1  # whole-span candidates per span, best first (at most MAX_TOP_K)
+    max_span: int = 16  # longest span `[MASK]` may choose, in bytes
+    mask_token: str = "[MASK]"  # the marker literal; `[MASK:N]` is its sized form
+    explain: bool = False  # keep each masked byte's top alternatives (`alternatives` in JSON)
+    single_line: bool = False  # never fill a line break (plain --batch output: one line per line)
+    iterative_passes: int | None = 2  # most passes per span; None: one byte per pass
+    beam_width: int = 4  # hypotheses kept by `beam`
+    length_alpha: float = 0.5  # auto length: a length L scores (sum of byte log-probs) / L ** alpha
+    length_candidates: int | None = 3  # auto length: lengths scored per `[MASK]`; None: all; 0: the probe decides
+    length_prior: float = 0.5  # auto length: weight of the probe's log-probability that the word ends at L
+
+    def __post_init__(self):
+        object.__setattr__(self, "strategy", _choice("strategy", self.strategy, STRATEGIES))
+        _whole("top_k", self.top_k, 1, MAX_TOP_K)
+        _whole("max_span", self.max_span, 1)
+        if not isinstance(self.mask_token, str) or not self.mask_token or self.mask_token.isspace():
+            raise OptionError("mask_token", "must be a non-empty literal")
+        if any(c in self.mask_token for c in "\r\n"):
+            raise OptionError("mask_token", "must not hold a line break")
+        for name in ("explain", "single_line"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(name, f"must be true or false (got {getattr(self, name)!r})")
+        if self.iterative_passes is not None:
+            _whole("iterative_passes", self.iterative_passes, 1)
+        _whole("beam_width", self.beam_width, 1, MAX_TOP_K)
+        for name in ("length_alpha", "length_prior"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
+                raise OptionError(name, f"must be a number between 0 and 10 (got {value!r})")
+        if self.length_candidates is not None:
+            _whole("length_candidates", self.length_candidates, 0)
+
