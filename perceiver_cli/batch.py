@@ -2,21 +2,28 @@
 
 - Lines are read as a stream (`LineReader`): memory holds one chunk of lines, never the
   file, and a slow producer (`tail -f log | perceiver fill --batch -`) gets each line's
-  result as soon as no further line is waiting.
-- Lines are filled in chunks through `MaskFiller.fill_many` (which sorts the chunk's
-  windows by length, so similar lengths share a forward pass); results are written in
-  input order, each as soon as its chunk is done.
-- `LineWriter` writes every output line whole, with one `os.write`: a run that is killed
-  leaves only complete lines behind, and `--resume` picks up after the last one.
+  result as soon as no further line is waiting. A line longer than `MAX_LINE_BYTES` is
+  never held: it gets an error and reading goes on at the next newline.
+- `fill_lines` fills lines in chunks aligned to line numbers (chunk k holds lines
+  k*C+1 .. (k+1)*C, C = --batch-size x CHUNK_BATCHES), so which lines share forward
+  passes depends only on the input: a resumed run writes exactly the bytes an
+  uninterrupted run would. Each chunk goes through one `fill_many` call (which sorts its
+  windows by length, so similar lengths share a pass).
+- `run` is the writer loop: every output line whole, with one `os.write`, in input order;
+  a run that is killed leaves only complete lines behind, and `--resume` picks up after
+  the last one. The output file is locked (`flock`) while a run writes it.
+- Plain output holds one line per input line: fills never contain a line break there
+  (`FillOptions.single_line`); with `--json` they may (JSON escapes them).
 - A line that cannot be filled (no marker, a malformed marker, a span longer than the
-  model's window) gets its error in its place; the other lines go on.
+  model's window, too long a line) gets its error in its place; the other lines go on.
 
-This module writes the results it is given a destination for (stdout or `-o FILE`) and
-its progress and per-line errors on the stderr console the CLI hands it.
+`fill_many` is any callable `(texts, FillOptions) -> [FillResult | InputError]`: the
+in-process filler or a server's client, so both share this module's output logic.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -24,18 +31,21 @@ import select
 import stat
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
-from .errors import InputError
+from .errors import InputError, PerceiverError
+from .options import FillOptions
+from .results import FillResult, blank_record, error_record, line_record
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .filler import MaskFiller
-
+FillMany = Callable[[list[str], FillOptions], list]
 CHUNK_BATCHES = 4  # lines per fill_many call = --batch-size x this
 READ_SIZE = 1 << 16
+MAX_LINE_BYTES = 1 << 20  # a longer line is an error, never held in memory
 
 
 def open_input(name: str, output: Path | None = None) -> BinaryIO:
@@ -59,11 +69,14 @@ class LineReader:
     """Lines of a binary stream, without their line ends, read in blocks of READ_SIZE.
 
     Yields (line, end) where end is b"\\n", b"\\r\\n" or b"" (a last line with no newline).
+    A line longer than `max_line` bytes is yielded as (None, end): its bytes are dropped
+    as they are read, so memory stays bounded whatever the input (`/dev/zero`).
     `consumed` counts the bytes of the lines yielded so far; `ready()` says whether the
     next line can be had without waiting for the producer.
     """
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, max_line: int = MAX_LINE_BYTES):
+        self.max_line = max_line
         self.stream = stream
         try:
             self.fd: int | None = stream.fileno()
@@ -88,13 +101,24 @@ class LineReader:
         except (OSError, ValueError):
             return True
 
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+    def __iter__(self) -> Iterator[tuple[bytes | None, bytes]]:
         while True:
+            dropped = 0  # bytes of an overlong line already thrown away
             i = self.buf.find(b"\n", self.scanned)
             while i == -1 and not self.eof:
+                if len(self.buf) > self.max_line:  # keep nothing of it but the count
+                    dropped += len(self.buf)
+                    self.buf.clear()
                 self.scanned = len(self.buf)
                 self._read()
                 i = self.buf.find(b"\n", self.scanned)
+            if dropped or (i if i != -1 else len(self.buf)) > self.max_line:
+                size = (i + 1) if i != -1 else len(self.buf)
+                del self.buf[:size]
+                self.scanned = 0
+                self.consumed += dropped + size
+                yield None, b"\n" if i != -1 else b""
+                continue
             if i == -1:  # end of input
                 if not self.buf:
                     return
@@ -133,12 +157,53 @@ class LineWriter:
         self.lines += 1
 
 
-def resume_point(path: Path, as_json: bool) -> int:
-    """Complete lines already in `path`; a trailing partial line (from a kill) is cut off.
+class Output:
+    """Where batch results go: stdout, or `-o FILE` opened and locked before the model loads.
 
-    With `--json`, the last complete line must be the object of that line number, or the
-    file is not the output of an earlier run of this command.
+    The file is opened without truncating, then locked (`flock`, exclusive, not waiting):
+    a second run on the same file fails at once instead of interleaving its lines. Only
+    then is it truncated (a new run) or cut after its last complete line (`--resume`).
     """
+
+    def __init__(self, path: Path | None, *, resume: bool = False, as_json: bool = False):
+        self.path, self.skip = path, 0
+        if path is None:
+            if sys.stdout is None:
+                raise PerceiverError("standard output is closed: nowhere to write the results (use -o FILE)")
+            self.file: BinaryIO = sys.stdout.buffer
+            self.writer = LineWriter(self.file)
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+        self.file = os.fdopen(fd, "r+b", buffering=0)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise PerceiverError(f"another run is writing {path} (it holds the file's lock): wait for it to end") from None
+        except OSError:
+            pass  # a file system without locks: go on unlocked
+        try:
+            if resume:
+                self.skip = _resume_point(self.file, as_json, path)
+            else:
+                self.file.truncate(0)
+            self.file.seek(0, os.SEEK_END)
+        except BaseException:
+            self.file.close()
+            raise
+        self.writer = LineWriter(self.file)
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.file.close()  # and with it the lock
+
+
+def resume_point(path: Path, as_json: bool) -> int:
+    """Complete lines already in `path` (0 when it does not exist); a trailing partial line
+    (from a kill) is cut off. See `_resume_point`."""
     try:
         f = open(path, "r+b")
     except FileNotFoundError:
@@ -146,25 +211,35 @@ def resume_point(path: Path, as_json: bool) -> int:
     except OSError as e:
         raise InputError(f"cannot resume {path}: {e.strerror or e}") from e
     with f:
-        count = end = pos = 0  # complete lines, the byte after the last of them, bytes read
-        while block := f.read(1 << 20):
-            n = block.count(b"\n")
-            if n:
-                count += n
-                end = pos + block.rindex(b"\n") + 1
-            pos += len(block)
-        if end < pos:
-            f.truncate(end)
-        if as_json and count:
-            try:
-                ok = json.loads(_last_line(f, end)).get("line") == count
-            except (ValueError, AttributeError):
-                ok = False
-            if not ok:
-                raise InputError(
-                    f"cannot resume {path}: its line {count} is not the JSON result of input line {count} "
-                    "(was it written by another command?)"
-                )
+        return _resume_point(f, as_json, path)
+
+
+def _resume_point(f: BinaryIO, as_json: bool, path: Path) -> int:
+    """Complete lines in the open file `f`; a trailing partial line is cut off.
+
+    With `--json`, the last complete line must be the object of that line number, or the
+    file is not the output of an earlier run of this command.
+    """
+    f.seek(0)
+    count = end = pos = 0  # complete lines, the byte after the last of them, bytes read
+    while block := f.read(1 << 20):
+        n = block.count(b"\n")
+        if n:
+            count += n
+            end = pos + block.rindex(b"\n") + 1
+        pos += len(block)
+    if end < pos:
+        f.truncate(end)
+    if as_json and count:
+        try:
+            ok = json.loads(_last_line(f, end)).get("line") == count
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise InputError(
+                f"cannot resume {path}: its line {count} is not the JSON result of input line {count} "
+                "(was it written by another command?)"
+            )
     return count
 
 
@@ -183,93 +258,111 @@ def _last_line(f: BinaryIO, end: int) -> bytes:
     return tail
 
 
-def _json_line(obj: dict) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+class TooLong(InputError):
+    """A line longer than MAX_LINE_BYTES (its bytes were not kept)."""
+
+
+@dataclass
+class Outcome:
+    """One input line and what became of it: `result` is a FillResult, an InputError, or
+    None for a blank line (passed through)."""
+
+    number: int  # 1-based
+    line: bytes  # without its line end (empty for a line too long to keep)
+    end: bytes  # b"\n", b"\r\n" or b""
+    result: FillResult | InputError | None
+
+
+def fill_lines(
+    fill_many: FillMany, reader: LineReader, options: FillOptions, *, chunk: int, skip: int = 0
+) -> Iterator[Outcome]:
+    """Every line of `reader` after the first `skip`, filled, in order (module docstring).
+
+    The lines of the first chunk that come before `skip` are filled again (not yielded), so
+    the chunk's forward passes are the same as in a run that never stopped.
+    """
+    lines = iter(reader)
+    first_chunk = skip - skip % chunk  # lines before this are skipped unread by the model
+    pending: list[tuple[int, bytes | None, bytes]] = []
+    number = 0
+    for number in range(1, first_chunk + 1):
+        if next(lines, None) is None:
+            raise InputError(f"cannot resume: the output already has {skip} lines, the input only {number - 1}")
+    for line, end in lines:
+        number += 1
+        pending.append((number, line, end))
+        if number % chunk == 0 or not reader.ready():
+            yield from _fill_chunk(fill_many, pending, options, skip)
+            pending = []
+    if number < skip:
+        raise InputError(f"cannot resume: the output already has {skip} lines, the input only {number}")
+    yield from _fill_chunk(fill_many, pending, options, skip)
+
+
+def _fill_chunk(fill_many: FillMany, pending, options: FillOptions, skip: int) -> Iterator[Outcome]:
+    texts = [line.decode("utf-8", "surrogateescape") for _, line, _ in pending if line is not None and line.strip()]
+    results = iter(fill_many(texts, options) if texts else [])
+    for number, line, end in pending:
+        if line is None:
+            result: FillResult | InputError | None = TooLong(f"the line is longer than {MAX_LINE_BYTES:,} bytes: not filled")
+        elif not line.strip():
+            result = None
+        else:
+            result = next(results)
+        if number > skip:
+            yield Outcome(number, line or b"", end, result)
 
 
 def run(
-    filler: "MaskFiller",
+    fill_many: FillMany,
     source: BinaryIO,
+    output: Output,
+    options: FillOptions,
     *,
-    output: Path | None,
-    resume: bool,
     as_json: bool,
-    explain: bool,
     chunk: int,
-    options: dict,
     stderr: "Console",
     stdout_is_terminal: bool,
 ) -> int:
-    """Fill every line of `source`; results to `output` (or stdout), in order. Returns the
-    number of lines that failed."""
+    """Fill every line of `source` into `output`, in order. Returns the number of lines that failed."""
     from rich.text import Text
 
-    from .render import json_object
-
-    skip = resume_point(output, as_json) if resume and output is not None else 0
+    skip = output.skip
     reader = LineReader(source)
-    lines = iter(reader)
-    for skipped in range(skip):  # the lines an earlier run already wrote
-        if next(lines, None) is None:
-            raise InputError(f"cannot resume: {output} already has {skip} lines, the input only {skipped}")
-    if output is not None:
-        try:
-            out = open(output, "ab" if skip else "wb", buffering=0)
-        except OSError as e:
-            raise InputError(f"cannot write {output}: {e.strerror or e}") from e
-    else:
-        out = sys.stdout.buffer
-    writer = LineWriter(out)
-
+    writer = output.writer
     counts = {"filled": 0, "failed": 0, "empty": 0}
-    done = 0
-    numbered: list[tuple[int, bytes, bytes]] = []  # (line number, line, line end) waiting to be filled
+    if not as_json:
+        options = options.replace(single_line=True)  # one output line per input line
 
-    def say_failure(n: int, message: str) -> None:
-        stderr.print(Text(f"line {n}: {message}", style="yellow"), soft_wrap=True, markup=False, emoji=False)
-
-    def fill_pending() -> None:
-        nonlocal done
-        todo = [line.decode("utf-8", "surrogateescape") for _, line, _ in numbered if line.strip()]
-        results = iter(filler.fill_many(todo, return_errors=True, **options))
-        for n, line, end in numbered:
-            if not line.strip():  # empty or blank: passed through as is
-                counts["empty"] += 1
-                text = line.decode("utf-8", "replace")
-                writer.write(_json_line({"line": n, "text": text, "spans": []}) if as_json else line + (end or b"\n"))
-                continue
-            result = next(results)
-            if isinstance(result, Exception):
-                counts["failed"] += 1
-                if as_json:
-                    writer.write(_json_line({"line": n, "error": str(result)}))
-                else:
-                    say_failure(n, str(result))
-                    writer.write(line + (end or b"\n"))
-                continue
-            counts["filled"] += 1
+    def record(o: Outcome) -> bytes:
+        if o.result is None:  # empty or blank: passed through as is
+            counts["empty"] += 1
+            return _json(blank_record(o.number, o.line.decode("utf-8", "replace"))) if as_json else o.line + (o.end or b"\n")
+        if isinstance(o.result, Exception):
+            counts["failed"] += 1
             if as_json:
-                writer.write(_json_line({"line": n, **json_object(result, options.get("top_k", 1), explain)}))
-            else:
-                writer.write(result.data + (end or b"\n"))
-        done += len(numbered)
-        numbered.clear()
+                return _json(error_record(o.number, str(o.result)))
+            stderr.print(Text(f"line {o.number}: {o.result}", style="yellow"), soft_wrap=True, markup=False, emoji=False)
+            return o.line + (o.end or b"\n")  # the line as it was
+        counts["filled"] += 1
+        if as_json:
+            return _json(line_record(o.number, o.result, options.top_k, options.explain))
+        return o.result.data + (o.end or b"\n")
 
     # A progress bar when stderr is a terminal, unless the results scroll on that terminal.
-    progress = _progress(stderr) if stderr.is_terminal and not (output is None and stdout_is_terminal) else None
+    progress = _progress(stderr) if stderr.is_terminal and not (output.path is None and stdout_is_terminal) else None
     start = time.perf_counter()
+    done = 0
     try:
         if progress is not None:
             progress.start()
             task = progress.add_task("filling", total=_size(source), completed=reader.consumed, lines=skip, rate="-")
-        for line, end in lines:
-            numbered.append((skip + done + len(numbered) + 1, line, end))
-            if len(numbered) >= chunk or not reader.ready():
-                fill_pending()
-                if progress is not None:
-                    rate = done / max(time.perf_counter() - start, 1e-9)
-                    progress.update(task, completed=reader.consumed, lines=skip + done, rate=f"{rate:.1f}")
-        fill_pending()
+        for outcome in fill_lines(fill_many, reader, options, chunk=chunk, skip=skip):
+            writer.write(record(outcome))
+            done += 1
+            if progress is not None and (not reader.ready() or done % chunk == 0):
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                progress.update(task, completed=reader.consumed, lines=skip + done, rate=f"{rate:.1f}")
         if progress is not None:
             rate = done / max(time.perf_counter() - start, 1e-9)
             progress.update(task, completed=reader.consumed, lines=skip + done, rate=f"{rate:.1f}")
@@ -277,23 +370,25 @@ def run(
         if progress is not None:
             progress.stop()
             progress = None
-        where = f" to {output}; run again with --resume to go on" if output is not None else ""
+        where = f" to {output.path}; run again with --resume to go on" if output.path is not None else ""
         stderr.print(f"interrupted: {skip + writer.lines} lines written{where}", soft_wrap=True, markup=False, highlight=False)
         raise
     finally:
         if progress is not None:
             progress.stop()
-        if output is not None:
-            out.close()
 
     if counts["failed"] or stderr.is_terminal:
         summary = f"{counts['filled']} filled, {counts['failed']} failed"
         if counts["empty"]:
             summary += f", {counts['empty']} blank passed through"
         if skip:
-            summary += f" ({skip} lines already in {output})"
+            summary += f" ({skip} lines already in {output.path})"
         stderr.print(Text(summary, style="bold red" if counts["failed"] else "green"), soft_wrap=True)
     return counts["failed"]
+
+
+def _json(obj: dict) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _size(source: BinaryIO) -> int | None:

@@ -18,8 +18,7 @@ import typer
 import typer.core
 
 from . import __version__
-
-DEFAULT_MODEL = "deepmind/language-perceiver"
+from .options import DEVICES, DTYPES, QUANTIZE, STRATEGIES, FillOptions, LoadOptions
 
 # click's exception classes, whichever click this Typer uses (its own copy or click itself)
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -46,14 +45,14 @@ class _OneLineErrors(typer.core.TyperGroup):
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
                 _error(" ".join(e.format_message().split()) + hint)
             sys.exit(e.exit_code)
-        except typer.Abort:
-            _error("aborted")
-            sys.exit(1)
+        except typer.Abort:  # click's word for Ctrl-C while it parses: as any interrupt
+            sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(
     cls=_OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
     help="Fill masked text with DeepMind's byte-level Perceiver IO language model.",
     no_args_is_help=True,
@@ -74,16 +73,24 @@ def main_callback(
     """Fill masked text with DeepMind's byte-level Perceiver IO language model."""
 
 
-# Options shared by the commands that load a model.
-ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", envvar="PERCEIVER_MODEL", help="Hub repo id or local checkpoint directory.")
-RevisionOpt = typer.Option(None, "--revision", help="Hub branch, tag or commit.")
-OfflineOpt = typer.Option(False, "--offline", help="Never use the network: the cache or a local directory only.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+def _completer(values):
+    return lambda incomplete: [v for v in values if v.startswith(incomplete.lower())]
+
+
+# Options shared by the commands that load a model; defaults from options.LoadOptions.
+ModelOpt = typer.Option(LoadOptions.model, "--model", "-m", envvar="PERCEIVER_MODEL", help="Hub repo id or local checkpoint directory.")
+RevisionOpt = typer.Option(LoadOptions.revision, "--revision", help="Hub branch, tag or commit.")
+OfflineOpt = typer.Option(LoadOptions.offline, "--offline", help="Never use the network: the cache or a local directory only.")
+DeviceOpt = typer.Option(LoadOptions.device, "--device", help="auto, cpu, cuda (cuda:N) or mps.", autocompletion=_completer(DEVICES))
+DtypeOpt = typer.Option(LoadOptions.dtype, "--dtype", help="auto (float16 on CUDA, else float32: exact), float32, bfloat16 or float16.",
+                        autocompletion=_completer(DTYPES))
+QuantizeOpt = typer.Option(LoadOptions.quantize, "--quantize", help="int8: faster CPU matrix products, fills close to fp32's (none: exact).",
+                           autocompletion=_completer(QUANTIZE))
+ThreadsOpt = typer.Option(LoadOptions.threads, "--threads", help="torch's CPU threads (default: the CPUs this process may use).")
 
 
 # -- fill ------------------------------------------------------------------------------
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 EXIT_INTERRUPTED = 130  # what a shell reports after Ctrl-C
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by a closed pipe (SIGPIPE)
 
@@ -137,6 +144,7 @@ def _failures():
     (full traceback) instead of the one-line error.
     """
     from .errors import PerceiverError
+    from .options import OptionError
 
     try:
         yield
@@ -150,7 +158,7 @@ def _failures():
     except PerceiverError as e:
         if _debug():
             raise
-        _error(str(e))
+        _error(e.flag() if isinstance(e, OptionError) else str(e))
         raise typer.Exit(e.exit_code)
     except OSError as e:  # e.g. the disk is full, or a file vanished while we read it
         if _debug():
@@ -164,22 +172,11 @@ def _failures():
         raise typer.Exit(1)
 
 
-def _check_options(*, text, top_k, max_span, device, threads, batch, batch_size, output, resume, explain, as_json) -> None:
-    """Option errors, before anything is read or loaded (`InputError`: exit 2)."""
+def _check_modes(*, text, batch, output, resume, explain, top_k, as_json) -> None:
+    """Option combinations only the command line has (`InputError`: exit 2). The values
+    themselves are checked by LoadOptions / FillOptions."""
     from .errors import InputError
 
-    cpus = os.cpu_count() or 1
-    if threads is not None and not 1 <= threads <= cpus:  # more only slows down; far more crashes OpenMP
-        raise InputError(f"--threads must be between 1 and {cpus}, this machine's CPUs (got {threads})")
-    if top_k < 1:
-        raise InputError(f"--top-k must be at least 1 (got {top_k})")
-    if max_span < 1:
-        raise InputError(f"--max-span must be at least 1 byte (got {max_span})")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1 (got {batch_size})")
-    name = device.lower()
-    if name not in DEVICES and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or mps")
     if batch is None:
         if output is not None:
             raise InputError("-o/--output works with --batch FILE only (redirect stdout instead)")
@@ -192,6 +189,8 @@ def _check_options(*, text, top_k, max_span, device, threads, batch, batch_size,
         raise InputError("--resume needs -o OUTPUT: the file an earlier run was writing")
     if explain and not as_json:
         raise InputError("--explain with --batch needs --json (each span then gets its per-byte alternatives)")
+    if top_k > 1 and not as_json:
+        raise InputError("--top-k with --batch needs --json (each span then gets its candidates)")
 
 
 def _read_document(ctx: typer.Context, text: Optional[str]) -> tuple[str, bool]:
@@ -211,15 +210,23 @@ def _read_document(ctx: typer.Context, text: Optional[str]) -> tuple[str, bool]:
     return sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), True
 
 
-def _load_filler(model: str, options: dict, **load):
-    """The model (`load`: from_pretrained's options), with the fill options checked by the
-    library (an unknown --strategy, a --max-span longer than the model's window: exit 2)
-    before any input is filled. A download shows its progress when stderr is a terminal."""
+def _load_filler(load: LoadOptions, fill_options: FillOptions | None = None):
+    """The model, with the fill options checked against it (a --max-span longer than the
+    model's window: exit 2) before any input is filled. A download shows its progress
+    when stderr is a terminal; the library's notes (e.g. an int8 cache that could not be
+    written) go to stderr, dimmed."""
     with _startup():
         from .filler import MaskFiller
 
-        filler = MaskFiller.from_pretrained(model, progress=_stderr_console().is_terminal, **load)
-    filler.fill_many([], **options)
+        filler = MaskFiller.from_pretrained(load, progress=_stderr_console().is_terminal)
+        if load.threads is not None:  # the process's thread count is the CLI's to set, not the library's
+            import torch
+
+            torch.set_num_threads(load.threads)
+    if fill_options is not None:
+        filler.check(fill_options)
+    for note in filler.notes:
+        _say(f"note: {note}", "dim")
     return filler
 
 
@@ -237,21 +244,40 @@ def _startup():
         gc.enable()
 
 
+def _check_stdout() -> None:
+    """Fail early, in one line, when stdout was closed (`>&-`): nowhere to write results."""
+    from .errors import PerceiverError
+
+    if sys.stdout is None:
+        raise PerceiverError("standard output is closed: nowhere to write the results")
+
+
 def _write_stdout(data: bytes) -> None:
-    """Raw bytes on stdout, flushed now (a closed pipe raises here, not at exit)."""
+    """Raw bytes on stdout, all of them, now. A pipe closed early makes a write come back
+    short rather than fail, so write until every byte is taken: the next write then
+    raises BrokenPipeError (exit 141) instead of the rest being lost in silence."""
+    _check_stdout()
     sys.stdout.flush()
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (e.g. an in-memory stream in tests)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
-def _write_document(result, *, as_json: bool, top_k: int, explain: bool, from_stdin: bool) -> None:
+def _write_document(result, options: FillOptions, *, as_json: bool, from_stdin: bool) -> None:
     """Piped: the filled bytes exactly (the argument form adds a newline, like echo).
     On a terminal: the fills highlighted by confidence, then the tables asked for."""
     from . import render
 
+    top_k, explain = options.top_k, options.explain
     out = _stdout_console()
     if as_json:
-        line = json.dumps(render.json_object(result, top_k, explain), ensure_ascii=False)
+        line = json.dumps(result.to_dict(top_k, explain), ensure_ascii=False)
         if out.is_terminal:
             out.print_json(line, indent=None)  # the same one line, with colour
         else:
@@ -265,13 +291,11 @@ def _write_document(result, *, as_json: bool, top_k: int, explain: bool, from_st
     render.document(result, out)
     render.legend(out)
     if top_k > 1:
+        out.print()
         render.candidates(result, out, top_k)
     if explain:
+        out.print()
         render.explain(result, out)
-
-
-def _complete_device(incomplete: str):
-    return [d for d in DEVICES if d.startswith(incomplete)]
 
 
 @app.command()
@@ -280,19 +304,20 @@ def fill(
     text: Optional[str] = typer.Argument(None, help="Text with [MASK] / [MASK:N] markers; '-' or nothing reads stdin."),
     model: str = ModelOpt,
     revision: Optional[str] = RevisionOpt,
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="How spans are filled: iterative (the default), beam, or oneshot (one pass: exactly the reference's argmax)."),
-    top_k: int = typer.Option(1, "--top-k", "-k", help="Candidates per span (a table on a terminal; 'candidates' in --json)."),
-    max_span: int = typer.Option(16, "--max-span", help="Longest span [MASK] may choose, in bytes."),
-    mask_token: str = typer.Option("[MASK]", "--mask-token", help="The marker literal."),
+    strategy: str = typer.Option(FillOptions.strategy, "--strategy", help="How spans are filled: iterative, beam, or oneshot (one pass: exactly the reference's argmax).",
+                                 autocompletion=_completer(STRATEGIES)),
+    top_k: int = typer.Option(FillOptions.top_k, "--top-k", "-k", help="Candidates per span, at most 256 (a table on a terminal; 'candidates' in --json)."),
+    max_span: int = typer.Option(FillOptions.max_span, "--max-span", help="Longest span [MASK] may choose, in bytes."),
+    mask_token: str = typer.Option(FillOptions.mask_token, "--mask-token", help="The marker literal."),
     as_json: bool = typer.Option(False, "--json", help="Write JSON (JSON Lines with --batch)."),
-    explain: bool = typer.Option(False, "--explain", help="Show each masked byte's top candidates."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.", autocompletion=_complete_device),
-    quantize: str = typer.Option("none", "--quantize", help="int8: faster CPU matrix products, fills close to fp32's (none: exact)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, else float32: exact), float32, bfloat16 or float16."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch's CPU threads (default: all cores)."),
+    explain: bool = typer.Option(FillOptions.explain, "--explain", help="Show each masked byte's top candidates."),
+    device: str = DeviceOpt,
+    quantize: str = QuantizeOpt,
+    dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt,
     offline: bool = OfflineOpt,
     batch: Optional[str] = typer.Option(None, "--batch", help="Fill each line of FILE ('-' = stdin) independently."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Texts per forward pass."),
+    batch_size: int = typer.Option(LoadOptions.batch_size, "--batch-size", help="Texts per forward pass (1-256)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --batch: write to FILE instead of stdout."),
     resume: bool = typer.Option(False, "--resume", help="With --batch -o FILE: skip lines already written."),
 ):
@@ -304,7 +329,7 @@ def fill(
     \b
     Examples:
       perceiver fill "This is an incomplete sentence where some words are [MASK]."
-      perceiver fill -k 5 "The capital of France is[MASK:6]."
+      perceiver fill -k 5 "The capital of France is [MASK:6]."
       perceiver fill --explain "some words are [MASK:9]"
       perceiver fill --json "some words are [MASK:9]" | jq -r .text
       cat draft.txt | perceiver fill > filled.txt
@@ -312,29 +337,31 @@ def fill(
       perceiver fill --batch sentences.txt --json -o filled.jsonl --resume
 
     Exit status: 0 filled, 2 bad input or usage, 1 runtime failure (the model could not
-    be loaded, or a --batch line failed), 130 interrupted.
+    be loaded, or a --batch line failed), 130 interrupted, 141 output pipe closed.
     """
     with _failures():
-        _check_options(text=text, top_k=top_k, max_span=max_span, device=device, threads=threads, batch=batch,
-                       batch_size=batch_size, output=output, resume=resume, explain=explain, as_json=as_json)
-        options = dict(top_k=top_k, max_span=max_span, mask_token=mask_token)
-        if strategy is not None:  # else the library's default (strategies.DEFAULT_STRATEGY)
-            options["strategy"] = strategy
-        load = dict(revision=revision, device=device, offline=offline, batch_size=batch_size, quantize=quantize, threads=threads,
-                    dtype=dtype)
+        _check_modes(text=text, batch=batch, output=output, resume=resume, explain=explain, top_k=top_k, as_json=as_json)
+        options = FillOptions(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token, explain=explain)
+        load = LoadOptions(model=model, revision=revision, device=device, dtype=dtype, quantize=quantize, threads=threads,
+                           offline=offline, batch_size=batch_size)
         if batch is not None:
             from . import batch as batch_mode
 
             source = batch_mode.open_input(batch, output)  # an unreadable FILE fails before the model loads
-            filler = _load_filler(model, options, **load)
-            failed = batch_mode.run(
-                filler, source, output=output, resume=resume, as_json=as_json, explain=explain,
-                chunk=batch_size * batch_mode.CHUNK_BATCHES, options=options,
-                stderr=_stderr_console(), stdout_is_terminal=_stdout_console().is_terminal,
-            )
+            out = batch_mode.Output(output, resume=resume, as_json=as_json)  # locked before the model loads
+            try:
+                filler = _load_filler(load, options)
+                failed = batch_mode.run(
+                    lambda texts, o: filler.fill_many(texts, o, return_errors=True), source, out, options,
+                    as_json=as_json, chunk=load.batch_size * batch_mode.CHUNK_BATCHES,
+                    stderr=_stderr_console(), stdout_is_terminal=_stdout_console().is_terminal,
+                )
+            finally:
+                out.close()
             if failed:
                 raise typer.Exit(1)
             return
+        _check_stdout()
         document, from_stdin = _read_document(ctx, text)
         if not document:
             from .errors import InputError
@@ -342,10 +369,10 @@ def fill(
             raise InputError("empty input: nothing to fill (a text with [MASK] or [MASK:N] markers is needed)")
         from .masks import parse
 
-        parse(document, mask_token)  # a missing or malformed marker fails here, before torch loads
-        filler = _load_filler(model, options, **load)
-        result = filler.fill(document, **options)
-        _write_document(result, as_json=as_json, top_k=top_k, explain=explain, from_stdin=from_stdin)
+        parse(document, options.mask_token)  # a missing or malformed marker fails here, before torch loads
+        filler = _load_filler(load, options)
+        result = filler.fill(document, options)
+        _write_document(result, options, as_json=as_json, from_stdin=from_stdin)
 
 
 @app.command()
@@ -362,7 +389,9 @@ def download(
     from .hub import resolve
 
     with _failures():  # asks the Hub for the revision's latest commit; the cache if it cannot be reached
-        found = resolve(model, revision, update=True, progress=sys.stderr.isatty())
+        load = LoadOptions(model=model, revision=revision)
+        _check_stdout()
+        found = resolve(load.model, load.revision, update=True, progress=sys.stderr.isatty())
         _print_fields(_model_fields(found))
 
 
@@ -385,10 +414,12 @@ def info(
         from .checkpoint import load_model
         from .filler import pick_device, pick_dtype
 
-        where = pick_device(device)  # what `fill --device` would use, and its default --dtype
-        found = resolve(model, revision, offline=offline, progress=sys.stderr.isatty())
+        load = LoadOptions(model=model, revision=revision, offline=offline, device=device)
+        _check_stdout()
+        where = pick_device(load.device)  # what `fill --device` would use, and its default --dtype
+        found = resolve(load.model, load.revision, offline=load.offline, progress=sys.stderr.isatty())
         parameters = sum(p.numel() for p in load_model(found.directory).parameters())  # memory-mapped: cheap
-        dtype = str(pick_dtype(None, where)).removeprefix("torch.")
+        dtype = str(pick_dtype(load.dtype, where)).removeprefix("torch.")
         _print_fields(_model_fields(found) + [("parameters", f"{parameters:,}"), ("device", str(where)), ("dtype", dtype)])
 
 
@@ -406,7 +437,7 @@ def _model_fields(found) -> list[tuple[str, str]]:
 def _print_fields(fields: list[tuple[str, str]]) -> None:
     """`key: value` lines on stdout, values aligned: easy to read and to grep."""
     width = max(len(key) for key, _ in fields) + 2
-    sys.stdout.write("".join(f"{key + ':':<{width}}{value}\n" for key, value in fields))
+    _write_stdout("".join(f"{key + ':':<{width}}{value}\n" for key, value in fields).encode("utf-8", "surrogateescape"))
 
 
 def main():
@@ -420,6 +451,8 @@ def main():
     try:
         app()
         code = 0
+    except KeyboardInterrupt:  # before or after a command's own handling
+        code = EXIT_INTERRUPTED
     except SystemExit as e:
         code = e.code
         if code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
@@ -435,13 +468,15 @@ def main():
 
     atexit._run_exitfuncs()
     try:
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
     except BrokenPipeError:  # a closed pipe found only now: quiet, as in _failures
         code = code or EXIT_BROKEN_PIPE
     except (OSError, ValueError):
         code = code or 1
     try:
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            sys.stderr.flush()
     except (OSError, ValueError):
         pass
     os._exit(code)

@@ -46,8 +46,9 @@ def confidence_colour(p: float) -> str:
 
 
 def percent(p: float) -> str:
-    """A probability for people: `41.2%`, or `3.1e-07` when it rounds to nothing."""
-    return f"{100 * p:.1f}%" if p >= 0.001 else f"{p:.1e}"
+    """A probability for people, always in percent so a column reads one way: `41.2%`,
+    `<0.1%` when it rounds to nothing."""
+    return f"{100 * p:.1f}%" if p >= 0.0005 else "<0.1%"
 
 
 def show_fill(s: str) -> str:
@@ -178,13 +179,3 @@ def explain(result: FillResult, console: Console) -> None:
                 end_section=i == len(span.alternatives) - 1,
             )
     console.print(table)
-
-
-def json_object(result: FillResult, top_k: int = 1, explain: bool = False) -> dict:
-    """DESIGN.md section 3's object: `candidates` when top_k > 1; with `explain`, each span
-    also gets `alternatives`: per masked byte, its top bytes and their log-probabilities."""
-    obj = result.to_dict(top_k if top_k > 1 else 0)
-    if explain:
-        for span, d in zip(result.spans, obj["spans"]):
-            d["alternatives"] = [[{"byte": b, "logprob": round(lp, 6)} for b, lp in alts] for alts in span.alternatives]
-    return obj

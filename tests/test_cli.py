@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from perceiver_cli import cli, masks, render
 from perceiver_cli.cli import app
+from perceiver_cli.options import LoadOptions
 from perceiver_cli.filler import MaskFiller
 
 from .conftest import TINY
@@ -287,17 +288,17 @@ BAD = [
     ("empty-argument", [""], None, 2, "empty input"),
     ("empty-stdin", [], b"", 2, "empty input"),
     ("empty-dash", ["-"], b"", 2, "empty input"),
-    ("top-k-0", ["--top-k", "0", "a [MASK]"], None, 2, "--top-k must be at least 1"),
-    ("max-span-0", ["--max-span", "0", "a [MASK]"], None, 2, "--max-span must be at least 1"),
+    ("top-k-0", ["--top-k", "0", "a [MASK]"], None, 2, "--top-k must be between 1 and 256 (got 0)"),
+    ("max-span-0", ["--max-span", "0", "a [MASK]"], None, 2, "--max-span must be at least 1 (got 0)"),
     ("max-span-too-long", ["--max-span", "999", "a [MASK]"], None, 2, "max-span must be between 1 and"),
-    ("batch-size-0", ["--batch-size", "0", "a [MASK]"], None, 2, "--batch-size must be at least 1"),
-    ("unknown-device", ["--device", "tpu", "a [MASK]"], None, 2, "unknown device 'tpu'"),
-    ("unknown-strategy", ["--strategy", "guess", "a [MASK]"], None, 2, "unknown strategy 'guess'"),
-    ("unknown-quantization", ["--quantize", "int4", "a [MASK]"], None, 2, "unknown quantization 'int4'"),
+    ("batch-size-0", ["--batch-size", "0", "a [MASK]"], None, 2, "--batch-size must be between 1 and 256 (got 0)"),
+    ("unknown-device", ["--device", "tpu", "a [MASK]"], None, 2, "--device must be one of auto, cpu, cuda, cuda:N, mps (got 'tpu')"),
+    ("unknown-strategy", ["--strategy", "guess", "a [MASK]"], None, 2, "--strategy must be one of iterative, beam, oneshot (got 'guess')"),
+    ("unknown-quantization", ["--quantize", "int4", "a [MASK]"], None, 2, "--quantize must be one of none, int8 (got 'int4')"),
     ("threads-0", ["--threads", "0", "a [MASK]"], None, 2, "--threads must be between 1 and"),
-    ("threads-too-many", ["--threads", "20000", "a [MASK]"], None, 2, "this machine's CPUs (got 20000)"),
-    ("unknown-dtype", ["--dtype", "double", "a [MASK]"], None, 2, "unknown dtype 'double'"),
-    ("int8-in-half-precision", ["--quantize", "int8", "--dtype", "fp16", "a [MASK]"], None, 2, "use float32"),
+    ("threads-too-many", ["--threads", "20000", "a [MASK]"], None, 2, "the CPUs this process may use (got 20000)"),
+    ("unknown-dtype", ["--dtype", "double", "a [MASK]"], None, 2, "--dtype must be one of auto, float32, bfloat16, float16 (got 'double')"),
+    ("int8-in-half-precision", ["--quantize", "int8", "--dtype", "fp16", "a [MASK]"], None, 2, "leave dtype at auto or float32"),
     ("missing-batch-file", ["--batch", "/nonexistent/lines.txt"], None, 2, "cannot read /nonexistent/lines.txt"),
     ("batch-directory", ["--batch", "/"], None, 2, "cannot read /: Is a directory"),
     ("text-and-batch", ["--batch", "-", "a [MASK]"], None, 2, "either TEXT or --batch"),
@@ -332,21 +333,27 @@ def test_unknown_command_is_one_line_and_no_arguments_is_the_help():
 def test_loading_leaves_the_garbage_collector_on_with_the_model_frozen(tiny_checkpoint, tmp_path):
     gc.unfreeze()
     try:
-        filler = cli._load_filler(str(tiny_checkpoint), {}, device="cpu")
+        filler = cli._load_filler(LoadOptions(str(tiny_checkpoint), device="cpu"))
         assert gc.isenabled() and gc.get_freeze_count() > 0  # off while loading only
         assert filler.fill("Hello [MASK:4] world.").spans[0].length == 4
         gc.unfreeze()
         with pytest.raises(Exception, match="does not exist"):  # a failed load turns it back on too
-            cli._load_filler(str(tmp_path / "missing"), {}, device="cpu")
+            cli._load_filler(LoadOptions(str(tmp_path / "missing"), device="cpu"))
         assert gc.isenabled()
     finally:
         gc.unfreeze()
 
 
 @pytest.mark.parametrize("strategy", ["oneshot", "iterative", "beam"])
-def test_top_k_beyond_the_byte_alphabet_lists_every_candidate_once(filler, strategy):
-    candidates = [c.data for c in filler.fill("a [MASK:1] b", strategy=strategy, top_k=300).spans[0].candidates]
+def test_top_k_of_the_whole_byte_alphabet_lists_every_candidate_once(filler, strategy):
+    candidates = [c.data for c in filler.fill("a [MASK:1] b", strategy=strategy, top_k=256).spans[0].candidates]
     assert len(candidates) == len(set(candidates)) == 256  # a one-byte span has 256 fills
+
+
+def test_top_k_above_the_cap_is_refused_before_any_work():
+    result = CliRunner().invoke(app, ["fill", "-k", "100000", "a [MASK]"], prog_name="perceiver")
+    assert result.exit_code == 2
+    assert_one_error_line(result, "--top-k must be between 1 and 256 (got 100000)")
 
 
 def test_empty_model_name_is_bad_input():
@@ -486,7 +493,7 @@ def colour_codes(out: str | bytes) -> list[str]:
 
 
 def test_percent_and_byte_display():
-    assert render.percent(0.4123) == "41.2%" and render.percent(3.1e-7) == "3.1e-07"
+    assert render.percent(0.4123) == "41.2%" and render.percent(3.1e-7) == "<0.1%"
     assert [render.show_byte(b) for b in (97, 32, 10, 0xE2)] == ["'a'", "' '", r"'\n'", r"\xe2"]
     assert render.utf8_chars("é€".encode() + b"\xff") == [("é", 0, 2), ("€", 2, 5), ("\ufffd", 5, 6)]
 
@@ -603,7 +610,7 @@ def test_process_exit_after_torch_runs_atexit_handlers_and_keeps_output_and_code
     assert processes["atexit"] == "True"  # the handler ran, in a process that had loaded torch
     code, out, err = processes["late-error"]
     assert code == 2 and out == b""
-    assert err.decode().splitlines() == ["error: max-span must be between 1 and 62 bytes"]
+    assert err.decode().splitlines() == ["error: --max-span must be between 1 and 62 bytes, this model's window (got 100000)"]
 
 
 def test_help_shows_examples_without_importing_torch(processes):
