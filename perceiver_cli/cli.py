@@ -320,6 +320,7 @@ def fill(
     batch_size: int = typer.Option(LoadOptions.batch_size, "--batch-size", help="Texts per forward pass (1-256)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --batch: write to FILE instead of stdout."),
     resume: bool = typer.Option(False, "--resume", help="With --batch -o FILE: skip lines already written."),
+    server: Optional[str] = typer.Option(None, "--server", envvar="PERCEIVER_SERVER", help="Fill through a running `perceiver serve` at URL (its model and device; no torch loaded here)."),
 ):
     """Fill the masked spans of a text.
 
@@ -350,7 +351,7 @@ def fill(
             source = batch_mode.open_input(batch, output)  # an unreadable FILE fails before the model loads
             out = batch_mode.Output(output, resume=resume, as_json=as_json)  # locked before the model loads
             try:
-                filler = _load_filler(load, options)
+                filler = _filler(ctx, server, load, options)
                 failed = batch_mode.run(
                     lambda texts, o: filler.fill_many(texts, o, return_errors=True), source, out, options,
                     as_json=as_json, chunk=load.batch_size * batch_mode.CHUNK_BATCHES,
@@ -370,9 +371,85 @@ def fill(
         from .masks import parse
 
         parse(document, options.mask_token)  # a missing or malformed marker fails here, before torch loads
-        filler = _load_filler(load, options)
+        filler = _filler(ctx, server, load, options)
         result = filler.fill(document, options)
         _write_document(result, options, as_json=as_json, from_stdin=from_stdin)
+
+
+def _filler(ctx: typer.Context, server: Optional[str], load: LoadOptions, options: FillOptions):
+    """What fills: the model loaded here, or with --server URL (or $PERCEIVER_SERVER) a
+    `perceiver serve` (client.py: never imports torch). Either one takes
+    `fill(text, options)` and `fill_many(texts, options, return_errors=True)`."""
+    from .client import server_url
+
+    url = server_url(server, {})
+    if url is None:
+        return _load_filler(load, options)
+    from .client import Client
+
+    def named(option: str) -> bool:  # given on the command line or by its environment variable
+        return getattr(ctx.get_parameter_source(option), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+
+    client = Client.from_environment(url)
+    client.check_model(load.model if named("model") else None, load.revision if named("revision") else None)
+    client.check(options)  # the server's model judges the options, as a loaded one would (--max-span)
+    return client
+
+
+@app.command()
+def serve(
+    model: str = ModelOpt,
+    revision: Optional[str] = RevisionOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    quantize: str = QuantizeOpt,
+    threads: Optional[int] = ThreadsOpt,
+    offline: bool = OfflineOpt,
+    batch_size: int = typer.Option(LoadOptions.batch_size, "--batch-size", help="Texts per forward pass (1-256)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on [default: 127.0.0.1, this machine only; 0.0.0.0 for every interface]."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port [default: 8000; 0: any free port]."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Most texts of waiting requests run together [default: 16]."),
+    batch_wait_ms: Optional[float] = typer.Option(None, "--batch-wait-ms", help="How long to wait for more requests before a batch runs [default: 5]."),
+    queue_size: Optional[int] = typer.Option(None, "--queue-size", help="Most requests waiting; beyond, 503 [default: 64]."),
+    max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Largest request body, in MiB; beyond, 413 [default: 4]."),
+    api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="Require `Authorization: Bearer KEY`, KEY the file's first line (or set PERCEIVER_API_KEY)."),
+):
+    """Serve the model over HTTP until Ctrl-C or SIGTERM (then requests in flight are answered).
+
+    \b
+    GET /health, GET /info, POST / (Hugging Face fill-mask: {"inputs": ..., "parameters":
+    {"top_k": ..., "targets": [...]}}), POST /v1/fill (the objects of `fill --json`).
+
+    \b
+    Examples:
+      perceiver serve
+      perceiver serve -m ./my-checkpoint --port 8080
+      PERCEIVER_API_KEY=secret perceiver serve --host 0.0.0.0
+      perceiver fill --server http://127.0.0.1:8000 "some words are [MASK:9]"
+    """
+    with _failures():
+        load = LoadOptions(model=model, revision=revision, device=device, dtype=dtype, quantize=quantize, threads=threads,
+                           offline=offline, batch_size=batch_size)
+        from .serve import ServeOptions, read_api_key
+
+        given = dict(host=host, port=port, max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue_size=queue_size,
+                     max_body_mb=max_body_mb)
+        settings = ServeOptions(**{k: v for k, v in given.items() if v is not None},
+                                api_key=read_api_key(api_key_file, os.environ))
+        filler = _load_filler(load)
+        from .serve import describe, run
+
+        about = describe(filler, settings)
+
+        def announce(url: str) -> None:
+            quantized = ", int8" if about["quantize"] == "int8" else ""
+            _say(f"serving {about['model']} on {url} ({about['device']}, {about['dtype']}{quantized}; "
+                 f"{'API key required' if settings.api_key else 'no API key'}); Ctrl-C stops")
+            if not settings.loopback and not settings.api_key:
+                _say(f"warning: --host {settings.host} takes requests from other machines, and no API key is set "
+                     "(PERCEIVER_API_KEY or --api-key-file)", "yellow")
+
+        run(filler, settings, announce=announce)
 
 
 @app.command()
