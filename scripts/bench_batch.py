@@ -40,12 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_forward import matmul_rate, model_flops  # noqa: E402
+from bench_forward import FULL_SIZE, matmul_rate, model_flops  # noqa: E402
 
 from perceiver_cli import masks, tokenizer  # noqa: E402
 from perceiver_cli.checkpoint import load_model  # noqa: E402
 from perceiver_cli.filler import MaskFiller  # noqa: E402
-from tests.conftest import FULL_SIZE, TINY  # noqa: E402
+
+# --dry-run: a tiny random model that differs from the full size in every dimension
+TINY = dict(num_latents=8, d_latents=32, d_model=16, num_blocks=1, num_self_attends_per_block=2,
+            num_self_attention_heads=2, num_cross_attention_heads=2, qk_channels=16, v_channels=32,
+            max_position_embeddings=64)
 
 WORDS = ("the of and to in is was for on that with as by at from this be are or an it which his "
          "first new after year city school between during world known people time most other").split()
@@ -121,7 +125,7 @@ def main() -> None:
         PerceiverForMaskedLM(RefConfig(**config)).save_pretrained(directory)
     ref = PerceiverForMaskedLM.from_pretrained(directory).eval()
     tok = PerceiverTokenizer()
-    ours = MaskFiller(load_model(directory), "cpu", batch_size=args.batch_size)
+    ours = MaskFiller(load_model(directory), batch_size=args.batch_size)
 
     lines = make_lines(args.lines, lo=20, hi=55) if args.dry_run else make_lines(args.lines)
     inputs = reference_inputs(lines)

@@ -38,13 +38,7 @@ from perceiver_cli.model import DECODER_HEADS, DECODER_QK_CHANNELS, PerceiverCon
 TEXT = "This is an incomplete sentence where some words are missing."
 MASKED = range(52, 61)  # ` missing.`, as in the model card
 
-# The config.json of deepmind/language-perceiver.
-FULL_SIZE = dict(
-    num_latents=256, d_latents=1280, d_model=768, num_blocks=1, num_self_attends_per_block=26,
-    num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
-    cross_attention_widening_factor=1, self_attention_widening_factor=1, use_query_residual=True,
-    hidden_act="gelu", vocab_size=262, max_position_embeddings=2048,
-)
+FULL_SIZE = PerceiverConfig().to_dict()  # its defaults are the config.json of deepmind/language-perceiver
 
 
 def full_size_weights(directory: Path) -> Path:

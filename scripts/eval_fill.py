@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from perceiver_cli import strategies
 from perceiver_cli.checkpoint import load_model
 from perceiver_cli.filler import MaskFiller
+from perceiver_cli.options import FillOptions
 
 
 def load_cases(path: str, limit: int | None) -> list[dict]:
@@ -63,26 +62,14 @@ class Counter:
         return [self.cache[k] for k in keys]
 
 
-@contextmanager
-def settings(**values):
-    old = {k: getattr(strategies, k) for k in values}
-    for k, v in values.items():
-        setattr(strategies, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(strategies, k, v)
-
-
-def measure(filler: MaskFiller, cases, *, strategy: str, sized: bool, top_k: int = 1, **params) -> dict:
+def measure(filler: MaskFiller, cases, *, sized: bool, options: FillOptions) -> dict:
     counter = Counter(filler.runner)
     filler.runner = counter
+    top_k = options.top_k
     try:
-        with settings(**params):
-            t0 = time.perf_counter()
-            results = filler.fill_many([text_of(c, sized) for c in cases], strategy=strategy, top_k=top_k)
-            seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = filler.fill_many([text_of(c, sized) for c in cases], options)
+        seconds = time.perf_counter() - t0
     finally:
         filler.runner = counter.runner
     exact = length = recall = 0
@@ -99,23 +86,23 @@ def measure(filler: MaskFiller, cases, *, strategy: str, sized: bool, top_k: int
             "passes": counter.inputs / n, "seconds": seconds / n}
 
 
-def tune(filler: MaskFiller, cases, strategy: str) -> None:
-    """Grid over the auto-length parameters; passes are cached, so the grid is cheap."""
+def tune(filler: MaskFiller, cases) -> None:
+    """Grid over the auto-length parameters (FillOptions' length_* fields) with the default
+    strategy; passes are cached, so the grid is cheap."""
     counter = Counter(filler.runner, cache=True)
     filler.runner = counter
     texts = [text_of(c, False) for c in cases]
-    print("| candidates | alpha | prior | refine passes | length acc. | exact match |")
-    print("|---|---|---|---|---|---|")
-    grid = [(c, a, p, r) for r in (None, 3) for c in (0, 3, 4, 6) for a in (0.5, 1.0, 1.5, 2.0)
-            for p in (0.0, 0.5, 1.0, 2.0)]
-    for candidates, alpha, prior, refine in grid:
-            if candidates == 0 and (alpha != 0.5 or prior or refine):
-                continue
-            with settings(LENGTH_ALPHA=alpha, LENGTH_CANDIDATES=candidates, LENGTH_PRIOR=prior, LENGTH_REFINE=refine):
-                results = filler.fill_many(texts, strategy=strategy)
-            exact = sum(r.spans[0].data == c["answer"].encode() for r, c in zip(results, cases)) / len(cases)
-            length = sum(r.spans[0].length == len(c["answer"].encode()) for r, c in zip(results, cases)) / len(cases)
-            print(f"| {candidates} | {alpha} | {prior} | {refine} | {length:.1%} | {exact:.1%} |", flush=True)
+    print("| candidates | alpha | prior | length acc. | exact match |")
+    print("|---|---|---|---|---|")
+    grid = [(c, a, p) for c in (0, 3, 4, 6) for a in (0.5, 1.0, 1.5, 2.0) for p in (0.0, 0.5, 1.0, 2.0)]
+    for candidates, alpha, prior in grid:
+        if candidates == 0 and (alpha != 0.5 or prior):
+            continue
+        options = FillOptions(length_candidates=candidates, length_alpha=alpha, length_prior=prior)
+        results = filler.fill_many(texts, options)
+        exact = sum(r.spans[0].data == c["answer"].encode() for r, c in zip(results, cases)) / len(cases)
+        length = sum(r.spans[0].length == len(c["answer"].encode()) for r, c in zip(results, cases)) / len(cases)
+        print(f"| {candidates} | {alpha} | {prior} | {length:.1%} | {exact:.1%} |", flush=True)
     filler.runner = counter.runner
 
 
@@ -127,7 +114,7 @@ def bench_full(default: str) -> None:
     model = PerceiverMaskedLM(PerceiverConfig())
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    filler = MaskFiller(model.eval().requires_grad_(False), "cpu")
+    filler = MaskFiller(model.eval().requires_grad_(False))
     text = "This is an incomplete sentence where some words are [MASK]."
     sized = text.replace("[MASK]", "[MASK:9]")
     filler.fill(sized)  # warm-up
@@ -160,35 +147,35 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.bench_full:
         print("| full-size config, one sentence | model inputs | seconds |\n|---|---|---|")
-        bench_full(strategies.DEFAULT_STRATEGY)
+        bench_full(FillOptions.strategy)
         return
-    filler = MaskFiller(load_model(args.model), "cpu", batch_size=args.batch_size)
+    filler = MaskFiller(load_model(args.model), batch_size=args.batch_size)
     cases = load_cases(args.cases, args.limit)
     if args.tune:
-        tune(filler, cases, strategies.DEFAULT_STRATEGY)
+        tune(filler, cases)
         return
 
-    full = {"ITERATIVE_PASSES": None}
+    full = {"iterative_passes": None}
     rows = [
         # label, strategy, sized (true length), top_k, parameters
         ("oneshot, true length", "oneshot", True, 1, {}),
         ("iterative 1 byte/pass, true length", "iterative", True, 1, full),
-        ("iterative 2 passes, true length", "iterative", True, 1, {"ITERATIVE_PASSES": 2}),
-        ("iterative 3 passes, true length", "iterative", True, 1, {"ITERATIVE_PASSES": 3}),
-        ("iterative 4 passes, true length", "iterative", True, 1, {"ITERATIVE_PASSES": 4}),
-        (f"beam {strategies.BEAM_WIDTH}, 1 byte/pass, true length", "beam", True, 1, full),
-        (f"beam {strategies.BEAM_WIDTH}, 2 passes, true length", "beam", True, 1, {"ITERATIVE_PASSES": 2}),
-        (f"beam {strategies.BEAM_WIDTH}, 3 passes, true length", "beam", True, 1, {"ITERATIVE_PASSES": 3}),
-        ("[MASK] probe rule + oneshot", "oneshot", False, 1, {"LENGTH_CANDIDATES": 0}),
+        ("iterative 2 passes, true length", "iterative", True, 1, {"iterative_passes": 2}),
+        ("iterative 3 passes, true length", "iterative", True, 1, {"iterative_passes": 3}),
+        ("iterative 4 passes, true length", "iterative", True, 1, {"iterative_passes": 4}),
+        (f"beam {FillOptions.beam_width}, 1 byte/pass, true length", "beam", True, 1, full),
+        (f"beam {FillOptions.beam_width}, 2 passes, true length", "beam", True, 1, {"iterative_passes": 2}),
+        (f"beam {FillOptions.beam_width}, 3 passes, true length", "beam", True, 1, {"iterative_passes": 3}),
+        ("[MASK] probe rule + oneshot", "oneshot", False, 1, {"length_candidates": 0}),
         ("[MASK] auto + oneshot", "oneshot", False, 1, {}),
         ("[MASK] auto + iterative 1 byte/pass", "iterative", False, 1, full),
-        ("[MASK] auto + iterative 3 passes", "iterative", False, 1, {"ITERATIVE_PASSES": 3}),
-        (f"[MASK] auto + beam {strategies.BEAM_WIDTH}", "beam", False, 1, full),
-        (f"[MASK] auto + beam {strategies.BEAM_WIDTH}, 3 passes", "beam", False, 1, {"ITERATIVE_PASSES": 3}),
-        ("[MASK] defaults", strategies.DEFAULT_STRATEGY, False, 1, {}),
+        ("[MASK] auto + iterative 3 passes", "iterative", False, 1, {"iterative_passes": 3}),
+        (f"[MASK] auto + beam {FillOptions.beam_width}", "beam", False, 1, full),
+        (f"[MASK] auto + beam {FillOptions.beam_width}, 3 passes", "beam", False, 1, {"iterative_passes": 3}),
+        ("[MASK] defaults", FillOptions.strategy, False, 1, {}),
         ("top-5 independent per byte (oneshot), true length", "oneshot", True, 5, {}),
         ("top-5 joint (beam 5, 1 byte/pass), true length", "beam", True, 5, full),
-        ("top-5 joint (beam 5, 3 passes), true length", "beam", True, 5, {"ITERATIVE_PASSES": 3}),
+        ("top-5 joint (beam 5, 3 passes), true length", "beam", True, 5, {"iterative_passes": 3}),
     ]
     only = set(args.only.split(";")) if args.only else None
     print(f"{len(cases)} cases from {args.cases}, model {args.model}")
@@ -197,7 +184,7 @@ def main() -> None:
     for label, strategy, sized, top_k, params in rows:
         if only and label not in only:
             continue
-        m = measure(filler, cases, strategy=strategy, sized=sized, top_k=top_k, **params)
+        m = measure(filler, cases, sized=sized, options=FillOptions(strategy=strategy, top_k=top_k, **params))
         recall = f"{m['recall']:.1%}" if top_k > 1 else ""
         length = "" if sized else f"{m['length']:.1%}"
         print(f"| {label} | {m['exact']:.1%} | {length} | {recall} | {m['logprob']:.2f} | {m['passes']:.1f} | "

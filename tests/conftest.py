@@ -7,10 +7,15 @@ loading code, exactly as a downloaded checkpoint would be.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from perceiver_cli.model import PerceiverConfig
 
 # A small config that differs from the full size in every dimension; shared by most tests.
 TINY = dict(
@@ -19,13 +24,8 @@ TINY = dict(
     max_position_embeddings=64, initializer_range=0.2,
 )
 
-# The config.json of deepmind/language-perceiver (DESIGN.md section 1).
-FULL_SIZE = dict(
-    num_latents=256, d_latents=1280, d_model=768, num_blocks=1, num_self_attends_per_block=26,
-    num_self_attention_heads=8, num_cross_attention_heads=8, qk_channels=256, v_channels=1280,
-    cross_attention_widening_factor=1, self_attention_widening_factor=1, use_query_residual=True,
-    hidden_act="gelu", vocab_size=262, max_position_embeddings=2048,
-)
+# The config.json of deepmind/language-perceiver: our config's defaults (model.py).
+FULL_SIZE = PerceiverConfig().to_dict()
 
 
 def make_reference(directory: Path, seed: int = 0, safe: bool = True, **config):
@@ -66,3 +66,75 @@ def _no_network(monkeypatch, tmp_path):
     monkeypatch.delenv("PERCEIVER_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine every op of a
+    2-thread pool waits milliseconds for its descheduled second thread. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TERMINAL_VARIABLES = ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS")
+
+
+@pytest.fixture(autouse=True)
+def _plain_environment(monkeypatch):
+    """Terminal detection must see what a test sets up, not the developer's shell."""
+    for name in TERMINAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def perceiver(*args: str) -> list[str]:
+    """The command line of `perceiver ARGS` as a real process of this Python."""
+    return [sys.executable, "-m", "perceiver_cli", *args]
+
+
+def process_env(tmp: Path, **extra: str) -> dict:
+    """The environment of a real `perceiver` process: no network, a fresh cache, one thread."""
+    env = {k: v for k, v in os.environ.items() if k not in TERMINAL_VARIABLES}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1",
+               PYTHONDONTWRITEBYTECODE="1", TERM="xterm-256color", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_process(args: list[str], tmp: Path, *, stdin: bytes | None = None, timeout: float = 120, **env: str):
+    """Run a command to its end in `process_env(tmp, **env)`; a CompletedProcess with bytes."""
+    return subprocess.run(args, input=stdin, capture_output=True, env=process_env(tmp, **env), timeout=timeout)
+
+
+def read_pty(master: int) -> bytes:
+    """Everything a pseudo-terminal shows until its other side closes."""
+    out = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            return out
+        if not data:
+            return out
+        out += data
+
+
+def wait_until_blocked(pid: int, timeout: float = 60.0) -> bool:
+    """True once the process has sat asleep (state S, CPU time unchanged) for half a second."""
+    deadline, since, last = time.monotonic() + timeout, None, None
+    while time.monotonic() < deadline:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        state, cpu = fields[0], int(fields[11]) + int(fields[12])
+        if state == "S" and cpu == last:
+            since = since or time.monotonic()
+            if time.monotonic() - since > 0.5:
+                return True
+        else:
+            since = None
+        last = cpu
+        time.sleep(0.02)
+    return False

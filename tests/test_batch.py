@@ -11,20 +11,17 @@ import random
 import select
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from perceiver_cli import batch
 from perceiver_cli.cli import app
 from perceiver_cli.filler import MaskFiller
 
-from .conftest import TINY
-from .test_cli import process_env, wait_until_blocked
+from .conftest import TINY, perceiver, process_env, read_pty, wait_until_blocked
 
 WINDOW = TINY["max_position_embeddings"] - 2
 
@@ -42,19 +39,9 @@ def sentences(n: int, seed: int = 0, lo: int = 2, hi: int = 40) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """See tests/test_cli.py: a tiny model on a busy machine is fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _plain_environment(monkeypatch):
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +286,7 @@ def test_line_writer_writes_whole_lines_to_a_file_descriptor(tmp_path):
 
 
 def command(checkpoint: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "perceiver_cli", "fill", "-m", str(checkpoint), *args]
+    return perceiver("fill", "-m", str(checkpoint), *args)
 
 
 def test_killed_run_then_resume_equals_an_uninterrupted_run(tiny_checkpoint, tmp_path):
@@ -374,15 +361,7 @@ def test_progress_bar_on_a_terminal_and_quiet_closed_pipe(tiny_checkpoint, tmp_p
     quoted = " ".join(f"'{c}'" for c in command(tiny_checkpoint, "--batch", str(path)))
     closed = subprocess.Popen(["/bin/bash", "-c", f"{quoted} | head -n 1 > /dev/null; exit ${{PIPESTATUS[0]}}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    screen = b""
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        screen += data
+    screen = read_pty(master)
     os.close(master)
     assert progress.wait(timeout=120) == 0
     assert b"lines/s" in screen and b"200 lines" in screen  # the bar's last state: every line

@@ -17,7 +17,6 @@ import pty
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from perceiver_cli.cli import app
 from perceiver_cli.options import LoadOptions
 from perceiver_cli.filler import MaskFiller
 
-from .conftest import TINY
+from .conftest import TINY, perceiver, process_env, read_pty, wait_until_blocked
 
 WINDOW = TINY["max_position_embeddings"] - 2  # bytes of document per model input ([CLS] and [SEP] take 2)
 ANSI = b"\x1b["
@@ -40,21 +39,9 @@ DOC = "The cat sat on[MASK:4] mat, and then [MASK] ran away."
 MULTILINE = "first line [MASK:3] here\nsecond line, unchanged\n\n\tthird [MASK:2]!\r\nend [MASK:5]\n"
 
 
-@pytest.fixture(autouse=True)
-def _plain_environment(monkeypatch):
-    """Terminal detection must see what the test sets up, not the developer's shell."""
-    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS"):
-        monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine every op of a
-    2-thread pool waits milliseconds for its descheduled second thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -450,7 +437,7 @@ def test_terminal_document_highlights_fills_by_confidence(filler):
 
 
 def test_terminal_fill_shows_control_bytes_as_pictures(filler):
-    from perceiver_cli.filler import FillResult, SpanResult
+    from perceiver_cli.results import FillResult, SpanResult
 
     span = SpanResult(start=2, length=3, data=b"\x1b\x00\xe2", logprob=-3.0, byte_logprobs=[-0.01, -1.0, -2.0],
                       alternatives=[[(27, -0.01)], [(0, -1.0)], [(226, -2.0)]])
@@ -501,24 +488,8 @@ def test_percent_and_byte_display():
 # -- real processes ---------------------------------------------------------------------------------
 
 
-def process_env(tmp: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS")}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1",
-               PYTHONDONTWRITEBYTECODE="1", TERM="xterm-256color", OMP_NUM_THREADS="1", **extra)
-    return env
 
 
-def read_pty(master: int) -> bytes:
-    out = b""
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the other side is closed
-            return out
-        if not data:
-            return out
-        out += data
 
 
 @pytest.fixture(scope="module")
@@ -526,7 +497,7 @@ def processes(tiny_checkpoint, tmp_path_factory):
     """Run the subprocess scenarios side by side; {name: (returncode, stdout, stderr)}."""
     tmp = tmp_path_factory.mktemp("processes")
     env = process_env(tmp)
-    cmd = [sys.executable, "-m", "perceiver_cli", "fill", "-m", str(tiny_checkpoint)]
+    cmd = perceiver("fill", "-m", str(tiny_checkpoint))
     big = tmp / "big.txt"
     big.write_text(long_text(1_000_000, seed=4) + " [MASK:4].\n")
     quoted = " ".join(f"'{c}'" for c in cmd)
@@ -642,7 +613,7 @@ def test_process_without_input_on_a_terminal_shows_usage(processes):
 
 def test_process_ctrl_c_exits_130_without_a_traceback(tiny_checkpoint, tmp_path):
     """SIGINT while the command waits for stdin (the pipe stays open, nothing comes)."""
-    p = subprocess.Popen([sys.executable, "-m", "perceiver_cli", "fill", "-m", str(tiny_checkpoint)],
+    p = subprocess.Popen(perceiver("fill", "-m", str(tiny_checkpoint)),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=process_env(tmp_path))
     try:
         assert wait_until_blocked(p.pid), "the command never waited for input"
@@ -654,18 +625,3 @@ def test_process_ctrl_c_exits_130_without_a_traceback(tiny_checkpoint, tmp_path)
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
 
 
-def wait_until_blocked(pid: int, timeout: float = 60.0) -> bool:
-    """True once the process has sat asleep (state S, CPU time unchanged) for half a second."""
-    deadline, since, last = time.monotonic() + timeout, None, None
-    while time.monotonic() < deadline:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        state, cpu = fields[0], int(fields[11]) + int(fields[12])
-        if state == "S" and cpu == last:
-            since = since or time.monotonic()
-            if time.monotonic() - since > 0.5:
-                return True
-        else:
-            since = None
-        last = cpu
-        time.sleep(0.02)
-    return False

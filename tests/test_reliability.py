@@ -18,11 +18,10 @@ from typer.testing import CliRunner
 
 from perceiver_cli.cli import app
 
-from .conftest import TINY, make_reference
+from .conftest import TINY, make_reference, perceiver, process_env
 from .test_batch import json_lines, sentences, write_lines
-from .test_cli import process_env
 
-CMD = [sys.executable, "-m", "perceiver_cli"]
+CMD = perceiver()
 
 
 def run(*args: str, stdin: bytes | None = None, env: dict | None = None, tmp: Path, shell: str | None = None,
