@@ -86,6 +86,15 @@ def result_from_wire(d: dict) -> FillResult:
 # -- the client --------------------------------------------------------------------------
 
 
+def _encode(body: dict) -> bytes:
+    """JSON as UTF-8; a text read with surrogateescape (bytes that are not UTF-8) holds lone
+    surrogates, which only ASCII JSON can carry (as \\udcXX escapes the server reads back)."""
+    try:
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(body).encode("ascii")
+
+
 class ServerError(PerceiverError):
     """The server could not be used (unreachable, refused the key, failed): exit 1."""
 
@@ -133,7 +142,7 @@ class Client:
         """The decoded JSON answer of a 2xx; `InputError` for a 400/413 (the request was
         bad: exit 2), `ServerError` for anything else (exit 1). A busy server (503) is
         asked again after its Retry-After, for up to BUSY_RETRY_S."""
-        payload = None if body is None else json.dumps(body).encode("ascii")  # ASCII: surrogates survive
+        payload = None if body is None else _encode(body)
         headers = {"Accept": "application/json"}
         if payload is not None:
             headers["Content-Type"] = "application/json"

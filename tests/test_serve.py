@@ -519,6 +519,28 @@ def test_cli_model_mismatch_and_unreachable_server(small_server, tiny_checkpoint
     assert down.stderr.decode().count("\n") == 1 and "cannot reach the server" in down.stderr.decode()
 
 
+def test_server_wins_over_nothing_and_an_empty_server_option_fills_in_process(tmp_path):
+    env = server_env(tmp_path, PERCEIVER_SERVER="http://127.0.0.1:9")
+    through = perceiver(["fill", "a [MASK:2]."], env)
+    assert through.returncode == 1 and "cannot reach the server at http://127.0.0.1:9" in through.stderr.decode()
+    local = perceiver(["fill", "--server", "", "-m", str(SMALL), "--device", "cpu", "a [MASK:2]."], env)
+    assert local.returncode == 0 and local.stdout.startswith(b"a")
+
+
+def test_serve_help_states_the_defaults_of_serve_options():
+    from perceiver_cli.serve import ServeOptions
+
+    result = subprocess.run([sys.executable, "-m", "perceiver_cli", "serve", "--help"], capture_output=True, text=True)
+    text = " ".join(result.stdout.split("Options:", 1)[1].split())
+    defaults = ServeOptions()
+    for name in ("host", "port", "max_batch", "batch_wait_ms", "queue_size", "max_body_mb"):
+        value = getattr(defaults, name)
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        flag = "--" + name.replace("_", "-")
+        help_of_flag = text[text.index(flag + " ") :].split(" --")[0]
+        assert f"[default: {shown}" in help_of_flag, (name, help_of_flag)
+
+
 def test_the_client_never_imports_torch(small_server, tmp_path):
     """A torch that cannot be imported does not stop a fill through a server, in any form."""
     fake = tmp_path / "fake"
