@@ -10,9 +10,8 @@ How a text becomes model passes:
 1. `masks.parse` cuts the text at its markers into literal bytes and spans.
 2. Spans of auto length (`[MASK]`) get a length (`lengths.py`).
 3. The document's bytes, spans masked, are cut into windows of at most
-   `max_position_embeddings - 2` bytes (room for `[CLS]` and `[SEP]`). A document that
-   fits is one window: exactly the reference's input. A longer one gets a window per
-   group of nearby spans, centred on the group, holding as much context as fits.
+   `max_position_embeddings - 2` bytes (`windows.py`). A document that fits is one
+   window: exactly the reference's input.
 4. A strategy (`strategies.py`) fills every window's spans with forward passes that
    `_Runner` batches. `oneshot`: every masked byte is the argmax over the 256 byte ids
    of one pass, which reproduces the reference exactly.
@@ -31,6 +30,7 @@ from .lengths import LengthRequest, choose_lengths
 from .model import PerceiverMaskedLM
 from .options import FillOptions, LoadOptions, OptionError
 from .results import Candidate, FillResult, SpanResult
+from .windows import Layout
 
 __all__ = ["MaskFiller", "FillResult", "SpanResult", "Candidate", "FillOptions", "LoadOptions"]
 
@@ -205,13 +205,13 @@ class MaskFiller:
             LengthRequest(
                 lengths=[s.length for s in templates[i].spans],
                 space=[s.space for s in templates[i].spans],
-                make_jobs=lambda lengths, t=templates[i]: self._jobs(t, lengths),
+                layout=lambda lengths, t=templates[i]: self._layout(t, lengths),
             )
             for i in order
         ]
         run = strategies.Reuse(self.runner)  # a length-scoring pass doubles as the strategy's first
         lengths = choose_lengths(run, requests, options)
-        jobs = [(i, job) for i, n in zip(order, lengths) for job in self._jobs(templates[i], n)]
+        jobs = [(i, job) for i, n in zip(order, lengths) for job in self._layout(templates[i], n).jobs()]
         fills = strategies.STRATEGIES[options.strategy](run, [job for _, job in jobs], options)
         spans: dict[int, list] = {i: [None] * len(templates[i].spans) for i in order}
         for (i, job), job_fills in zip(jobs, fills):
@@ -244,33 +244,8 @@ class MaskFiller:
                 )
         return template
 
-    def _jobs(self, template: masks.Template, lengths: list[int]) -> list[strategies.Job]:
-        """Model inputs (windows) covering every span of one text (see the module docstring)."""
-        ids: list[int] = []
-        starts: list[int] = []  # byte offset of each span in the document
-        for piece, n in zip(template.pieces, lengths):
-            ids += tokenizer.byte_ids(piece)
-            starts.append(len(ids))
-            ids += [tokenizer.MASK] * n
-        ids += tokenizer.byte_ids(template.pieces[-1])
-        groups: list[list[int]] = []
-        for s in range(len(lengths)):
-            if groups and starts[s] + lengths[s] - starts[groups[-1][0]] <= self.window:
-                groups[-1].append(s)
-            else:
-                groups.append([s])
-        jobs = []
-        for group in groups:
-            first, last = group[0], group[-1]
-            lo, hi = starts[first], starts[last] + lengths[last]
-            begin = max(0, min(lo - (self.window - (hi - lo)) // 2, len(ids) - self.window))
-            chunk = ids[begin : begin + self.window]
-            jobs.append(strategies.Job(
-                ids=[tokenizer.CLS, *chunk, tokenizer.SEP],
-                spans=[(starts[s] - begin + 1, lengths[s]) for s in group],
-                targets=group,
-            ))
-        return jobs
+    def _layout(self, template: masks.Template, lengths: list[int]) -> Layout:
+        return Layout(template, lengths, self.window)
 
 
 def _span_result(span: masks.Span, fill: strategies.SpanFill) -> SpanResult:

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .options import FillOptions
-from .strategies import Job, Run, _split, choosable
+from .strategies import Run, _split, choosable
+
+if TYPE_CHECKING:
+    from .windows import Layout
 
 
 @dataclass
@@ -32,7 +35,7 @@ class LengthRequest:
 
     lengths: list[int | None]  # None: auto length
     space: list[bool]  # the span starts with an absorbed space
-    make_jobs: Callable[[list[int]], list[Job]]  # the jobs of the text at the given lengths
+    layout: Callable[[list[int]], "Layout"]  # the text's windows at the given lengths
 
 
 def choose_lengths(run: Run, requests: list[LengthRequest], options: FillOptions) -> list[list[int]]:
@@ -40,7 +43,8 @@ def choose_lengths(run: Run, requests: list[LengthRequest], options: FillOptions
     lengths = [[n if n is not None else options.max_span for n in r.lengths] for r in requests]
     probing = [i for i, r in enumerate(requests) if None in r.lengths]
     proposals: dict[tuple[int, int], list[tuple[int, float]]] = {}
-    jobs = [(i, job) for i in probing for job in requests[i].make_jobs(lengths[i])]
+    layouts = {i: requests[i].layout(lengths[i]) for i in probing}
+    jobs = [(i, job) for i in probing for job in layouts[i].jobs()]
     for (i, job), logp in zip(jobs, run([(job.ids, job.positions()) for _, job in jobs])):
         for s, span_logp in zip(job.targets, _split(logp, job)):
             if requests[i].lengths[s] is None:
@@ -49,12 +53,10 @@ def choose_lengths(run: Run, requests: list[LengthRequest], options: FillOptions
                 lengths[i][s] = _first_word_length(bytes(scores.argmax(-1).tolist()), space)
                 proposals[i, s] = _length_proposals(scores, space, options.length_candidates)
     scored = []  # (request, span, length, P(word ends there), job)
+    provisional = {i: requests[i].layout(lengths[i]) for i in {i for i, _ in proposals}}
     for (i, s), candidates in proposals.items():
-        for n, p_end in candidates:
-            trial = list(lengths[i])
-            trial[s] = n
-            job = next(job for job in requests[i].make_jobs(trial) if s in job.targets)
-            scored.append((i, s, n, p_end, job))
+        for n, p_end in candidates:  # the others at their provisional length
+            scored.append((i, s, n, p_end, provisional[i].job_of(s, n)))
     best: dict[tuple[int, int], tuple[float, int]] = {}
     logps = run([(job.ids, job.positions()) for *_, job in scored])
     for (i, s, n, p_end, job), logp in zip(scored, logps):

@@ -1,4 +1,4 @@
-"""Windowing (MaskFiller._jobs) on its own: which model inputs a long document becomes.
+"""Windowing (windows.Layout) on its own: which model inputs a long document becomes.
 
 A model input holds at most `window` = max_position_embeddings - 2 document bytes between
 [CLS] and [SEP]. Spans close enough to share a window share one, centred on them; every
@@ -15,6 +15,7 @@ import torch
 from perceiver_cli import masks, tokenizer
 from perceiver_cli.filler import MaskFiller
 from perceiver_cli.model import PerceiverConfig, PerceiverMaskedLM
+from perceiver_cli.windows import Layout
 
 MAX_POSITIONS = 34  # a window of 32 bytes
 
@@ -35,7 +36,7 @@ def document(n: int, seed: int) -> str:
 
 def check_windows(filler: MaskFiller, text: str, lengths: list[int]):
     template = masks.parse(text)
-    jobs = filler._jobs(template, lengths)
+    jobs = Layout(template, lengths, filler.window).jobs()
     doc_ids: list[int] = []  # the whole document, spans masked
     starts = []
     for piece, n in zip(template.pieces, lengths):
@@ -99,3 +100,23 @@ def test_random_documents_and_spans(filler, seed):
         lengths.append(n)
     parts.append(document(rng.randint(0, 80), seed))
     check_windows(filler, "".join(parts), lengths)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_window_of_one_changed_span_is_the_window_a_whole_new_layout_gives(seed):
+    """Layout.job_of(s, n), used to score candidate lengths, equals rebuilding everything."""
+    rng = random.Random(seed)
+    parts, lengths = [], []
+    for k in range(rng.randint(1, 12)):
+        parts.append(document(rng.randint(0, 40), seed * 100 + k))
+        parts.append("[MASK]")
+        lengths.append(rng.randint(1, 16))
+    parts.append(document(rng.randint(0, 40), seed))
+    template = masks.parse("".join(parts))
+    base = Layout(template, lengths, 32)
+    for s in range(len(lengths)):
+        for n in range(1, 17):
+            trial = lengths[:s] + [n] + lengths[s + 1 :]
+            want = next(job for job in Layout(template, trial, 32).jobs() if s in job.targets)
+            got = base.job_of(s, n)
+            assert (got.ids, got.spans, got.targets) == (want.ids, want.spans, want.targets)
