@@ -362,6 +362,12 @@ class Batcher:
             self.running = len(batch)
             try:
                 self._run(batch)
+            except Exception as e:  # noqa: BLE001 - the worker must outlive anything: its requests get the error
+                for w in batch:
+                    try:
+                        w.deliver(None, e)
+                    except Exception:  # noqa: BLE001 - e.g. the event loop is gone
+                        pass
             finally:
                 self.running = 0
                 self.batches += 1

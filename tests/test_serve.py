@@ -340,7 +340,7 @@ def test_concurrent_clients_get_their_own_answers(tiny_server):
     assert batches < len(requests)  # some requests shared forward passes
 
 
-def slow_texts(n: int = 300) -> list[str]:
+def slow_texts(n: int = 500) -> list[str]:
     """Enough work for the tiny model to take a few seconds."""
     return [f"the {'model byte text window ' * 3}[MASK] and [MASK] {i}" for i in range(n)]
 
