@@ -1,23 +1,39 @@
-"""Load a checkpoint in the reference layout into our model.
+"""Load a checkpoint in the reference layout into our model; convert a pytorch_model.bin.
 
 A checkpoint directory holds `config.json` plus `model.safetensors` (preferred: read
-memory-mapped, no copy) or `pytorch_model.bin` (read with `weights_only=True`).
-The model is built on the meta device, so no random initialisation is ever computed,
+memory-mapped, no copy) or `pytorch_model.bin` (read with `weights_only=True`: plain tensors
+only, no code from the file ever runs); layout.py names the files. Before anything is built,
+config.json is validated (every setting's type and bounds, `PerceiverConfig.validate`) and,
+for safetensors, checked against the tensors its header lists (names, shapes, dtypes): a
+hostile or mismatched checkpoint fails with one line naming the file and the key or tensor.
+The model is then built on the meta device, so no random initialisation is ever computed,
 and the weights are assigned in place (`load_state_dict(..., assign=True)`).
 
-Names are translated by one explicit table (`reference_name`); loading asserts that
-every checkpoint tensor is used and every shape matches.
+Names are translated by one explicit table (`reference_name`); loading checks that every
+checkpoint tensor is used, every shape matches and every dtype is a float one.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import zipfile
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
-from .hub import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE  # the file names (hub.py imports no torch)
+from .layout import (  # noqa: F401  (weights_file: part of this module's API)
+    BIN_FILE,
+    CONFIG_FILE,
+    LOADABLE_DTYPES,
+    SAFETENSORS_FILE,
+    not_a_checkpoint,
+    safetensors_header,
+    short_error,
+    weights_file,
+    write_atomically,
+)
 from .model import PerceiverConfig, PerceiverMaskedLM
 
 FULL_SIZE_PARAMETERS = 201_108_230  # deepmind/language-perceiver
@@ -62,21 +78,58 @@ def reference_name(name: str) -> str:
     return f"{top}.{_LAYER_NAMES[module]}.{param}"
 
 
-def weights_file(directory: Path) -> Path | None:
-    """The weights file a checkpoint directory loads from: safetensors first, then .bin."""
-    return next((directory / f for f in (SAFETENSORS_FILE, BIN_FILE) if (directory / f).is_file()), None)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a checkpoint's weights may be
+_LAYER_INDEX = re.compile(re.escape(_TOP_NAMES["layers"]) + r"\.(\d+)\.")
+
+
+class UnreadableWeights(CheckpointError):
+    """A pytorch_model.bin that is not a plain state dict (`reason` says why)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot read weights file {path} as plain tensors (torch.load weights_only=True): {reason}")
+
+
+def read_config(path: Path) -> PerceiverConfig:
+    """The validated config of `path`; CheckpointError naming the file and the bad key."""
+    try:
+        return PerceiverConfig.from_json(path)
+    except (ValueError, TypeError) as e:  # JSON errors are ValueErrors
+        raise CheckpointError(f"{path} is not a usable Perceiver config: {short_error(e)}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {short_error(e)}") from None
+
+
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a pytorch_model.bin, with `torch.load(weights_only=True)`; memory-mapped
+    when the file is in torch's zip format, read whole when it is in the legacy format."""
+    try:
+        mmap = zipfile.is_zipfile(path)  # torch.save(..., _use_new_zipfile_serialization=False) is not
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights file {path}: {short_error(e)}") from None
+    except Exception as e:
+        if "weights only load failed" in str(e).lower():  # torch suggests turning the safe mode off: never
+            raise UnreadableWeights(path, "it holds more than tensors, and loading those could run code") from None
+        raise UnreadableWeights(path, short_error(e)) from None
+    if not isinstance(state, dict) or not state:
+        raise UnreadableWeights(path, "it holds no state dict")
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise UnreadableWeights(path, f"entry {_shown(name)} is not a named tensor")
+    return state
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file; safetensors memory-mapped, .bin with weights_only=True."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix != ".safetensors":
+        return read_bin(path)
+    from safetensors.torch import load_file
 
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return load_file(path)
     except Exception as e:  # a truncated, corrupted or foreign file
-        raise CheckpointError(f"cannot read weights file {path}: {_short(e)}") from e
+        raise CheckpointError(f"cannot read weights file {path}: {short_error(e)}") from None
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -87,26 +140,62 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     config_path = directory / CONFIG_FILE
     weights = weights_file(directory)
     if not config_path.is_file() or weights is None:
-        raise CheckpointError(
-            f"{directory} is not a Perceiver checkpoint: it needs {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}"
-        )
+        raise CheckpointError(not_a_checkpoint(directory))
+    cfg = read_config(config_path)
+    model = _meta_model(cfg)
+    if weights.suffix == ".safetensors":
+        _check_header(model, config_path, weights)  # before a single weight is mapped
+    return _assign(model, read_state_dict(weights), device, dtype, str(weights))
+
+
+def _check_header(model: PerceiverMaskedLM, config_path: Path, weights: Path) -> None:
+    """The tensors a safetensors header lists against what config.json implies."""
     try:
-        cfg = PerceiverConfig.from_json(config_path)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{config_path} is not a usable Perceiver config: {_short(e)}") from e
-    return build_model(cfg, read_state_dict(weights), device=device, dtype=dtype, source=str(weights))
+        header = safetensors_header(weights)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights file {weights}: {short_error(e)}") from None
+    for name, entry in header.items():
+        if entry["dtype"] not in LOADABLE_DTYPES:
+            raise CheckpointError(_bad_dtype(str(weights), name, entry["dtype"]))
+    layers, wanted = {int(m[1]) for m in map(_LAYER_INDEX.match, header) if m}, len(model.layers)
+    if layers and len(layers) != wanted:
+        raise CheckpointError(
+            f"{config_path} says num_self_attends_per_block {wanted}, but {weights} holds {len(layers)} self-attention layers"
+        )
+    for name, meta in model.state_dict().items():
+        entry = header.get(reference_name(name))
+        if entry is not None and tuple(entry["shape"]) != tuple(meta.shape):
+            raise CheckpointError(
+                f"{weights}: tensor {reference_name(name)} has shape {tuple(entry['shape'])},"
+                f" {config_path} implies {tuple(meta.shape)}"
+            )
+
+
+def _meta_model(cfg: PerceiverConfig) -> PerceiverMaskedLM:
+    cfg.validate()  # bounds first: never build a model of 10**9 layers, even on the meta device
+    with torch.device("meta"):
+        return PerceiverMaskedLM(cfg)
 
 
 def build_model(cfg: PerceiverConfig, ref_sd: dict[str, torch.Tensor], device="cpu", dtype=None, source="checkpoint"):
     """Our model with the reference state dict `ref_sd` assigned to it (checked, no copy on CPU)."""
-    with torch.device("meta"):
-        model = PerceiverMaskedLM(cfg)
+    try:
+        model = _meta_model(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"the config of {source} is not usable: {short_error(e)}") from None
+    return _assign(model, ref_sd, device, dtype, source)
+
+
+def _assign(model: PerceiverMaskedLM, ref_sd: dict[str, torch.Tensor], device, dtype, source: str):
+    cfg = model.cfg
     ours = {}
     for name, meta in model.state_dict().items():
         ref = reference_name(name)
         if ref not in ref_sd:
             raise CheckpointError(f"{source} lacks tensor {ref}: not a {_describe(cfg)} Perceiver masked-LM checkpoint")
         tensor = ref_sd[ref]
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(_bad_dtype(source, ref, str(tensor.dtype).removeprefix("torch.")))
         if tuple(tensor.shape) != tuple(meta.shape):
             raise CheckpointError(
                 f"{source}: tensor {ref} has shape {tuple(tensor.shape)}, the config needs {tuple(meta.shape)}"
@@ -121,6 +210,32 @@ def build_model(cfg: PerceiverConfig, ref_sd: dict[str, torch.Tensor], device="c
     return model.eval().requires_grad_(False)
 
 
+def convert_bin(bin_path: Path, config_path: Path, directory: Path, source: str) -> Path:
+    """Write `directory/{config.json, model.safetensors}` from a pytorch_model.bin and its config,
+    so that later loads are memory-mapped; return the safetensors file. `source` goes into its
+    metadata. Raises UnreadableWeights for a .bin that is not plain tensors, CheckpointError
+    for one that is not float weights or a copy that cannot be written."""
+    from safetensors.torch import save_file
+
+    tensors, storages = {}, set()
+    for name, tensor in read_bin(bin_path).items():
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(_bad_dtype(str(bin_path), name, str(tensor.dtype).removeprefix("torch.")))
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().data_ptr() in storages:  # safetensors stores no shared memory: give the sharer its own
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    weights = directory / SAFETENSORS_FILE
+    try:  # each file is written whole, then renamed into place: a reader never sees half of one
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_bytes(config_path.read_bytes()))
+        write_atomically(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "source": source}))
+    except Exception as e:  # OSError, or safetensors' own error for a full disk
+        raise CheckpointError(f"cannot write the safetensors copy of {BIN_FILE} to {directory}: {short_error(e)}") from None
+    return weights
+
+
 def save_reference(model: PerceiverMaskedLM, directory: str | Path) -> None:
     """Write `config.json` + `model.safetensors` in the reference layout (used by training)."""
     from safetensors.torch import save_file
@@ -128,14 +243,27 @@ def save_reference(model: PerceiverMaskedLM, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "perceiver", "architectures": ["PerceiverForMaskedLM"], **model.cfg.to_dict()}
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
     sd = {reference_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+    write_atomically(directory / SAFETENSORS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+
+
+_DTYPE_NAMES = {  # safetensors' names of the dtypes a checkpoint may not hold
+    "F64": "float64", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def _bad_dtype(source: str, name: str, dtype: str) -> str:
+    return (
+        f"{source}: tensor {name} is {_DTYPE_NAMES.get(dtype, dtype)}, not float32, float16 or bfloat16:"
+        " not a Perceiver checkpoint's weights"
+    )
 
 
 def _describe(cfg: PerceiverConfig) -> str:
     return f"{cfg.num_self_attends_per_block}-layer"
 
 
-def _short(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"

@@ -1,43 +1,51 @@
 """Resolve `--model` to a local checkpoint directory: a directory as is, or a Hub repo id.
 
-A Hub repo is looked up in the standard Hugging Face cache first (`HF_HUB_CACHE`, by default
-`$HF_HOME/hub`, by default `~/.cache/huggingface/hub`) without any network request; only what
-is missing is downloaded, with `huggingface_hub`:
+This module finds and fetches; layout.py names the files and checks them, checkpoint.py
+reads them. A Hub repo is looked up in the standard Hugging Face cache first (`HF_HUB_CACHE`,
+by default `$HF_HOME/hub`) without any network request; only what is missing is downloaded,
+with `huggingface_hub.hf_hub_download`:
 
 1. `config.json` at the revision (default `main`); its snapshot folder names the commit.
-2. `model.safetensors` at that commit, or, when the repo has none, `pytorch_model.bin`, read
-   once with `torch.load(weights_only=True)` and kept as safetensors (config.json beside it) in
-   `<cache>/models--<org>--<name>/perceiver-safetensors/<commit>/`, so that every later load
-   is memory-mapped. (huggingface_hub's cache tools ignore that folder; deleting the repo's
-   cache folder deletes it too.)
+2. `model.safetensors` at that commit, or, when the repo has none, `pytorch_model.bin`,
+   converted once (`checkpoint.convert_bin`) into `<cache>/models--<org>--<name>/
+   perceiver-safetensors/<commit>/`, so that every later load is memory-mapped.
+   (huggingface_hub's cache tools ignore that folder; deleting the repo's folder deletes it.)
 
-Cached files are checked before use, cheaply: config.json must parse, and a safetensors file
-must have a readable header whose tensors end exactly at the end of the file (a cut-off or
-overwritten file fails this). A bad file is downloaded again, or named in the error when
-offline. huggingface_hub writes each download to a temporary file and renames it into place
-only once complete, so a download cut off half-way is never loaded; the next run fetches it
-again.
+Cached files are checked cheaply before use (layout.py); a bad one is downloaded again, or
+named in the error when offline. huggingface_hub writes each download to a temporary file and
+renames it into place only once complete, so a download cut off half-way is never loaded.
 
 The library never prints: `progress=True` lets huggingface_hub draw its download bars on
-stderr (the CLI sets it when stderr is a terminal); otherwise they are off.
+stderr (the CLI sets it when stderr is a terminal); otherwise they are off, and the warnings
+huggingface_hub issues (`UserWarning`s such as "Not enough free disk space") are dropped: what
+matters reaches the caller as this module's one-line `CheckpointError`.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import re
-import shutil
+import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError, InputError
-
-CONFIG_FILE = "config.json"  # the file names of a checkpoint; checkpoint.py takes them from here
-SAFETENSORS_FILE = "model.safetensors"
-BIN_FILE = "pytorch_model.bin"
-CONVERTED_DIR = "perceiver-safetensors"  # inside the repo's cache folder: <commit>/{config.json, model.safetensors}
-_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header, in bytes
+from .layout import (  # noqa: F401  (the names tests and callers import from here)
+    BIN_FILE,
+    CONFIG_FILE,
+    CONVERTED_DIR,
+    SAFETENSORS_FILE,
+    config_problem,
+    hub_cache,
+    not_a_checkpoint,
+    offline_from_env,
+    safetensors_problem,
+    short_error,
+    weights_file,
+)
 
 
 @dataclass(frozen=True)
@@ -79,25 +87,28 @@ def resolve(
     (no network at all), else downloaded. `update=True` asks the Hub for the revision's latest
     commit first (falling back to the cache when the Hub cannot be reached). `offline=True`, or
     `HF_HUB_OFFLINE=1`, never uses the network. `cache_dir` and `endpoint` default to
-    huggingface_hub's (`HF_HUB_CACHE`, `HF_ENDPOINT`).
+    huggingface_hub's (`HF_HUB_CACHE`, `HF_ENDPOINT`). A `revision` that is not a plain branch,
+    tag or commit name (`../x`) is refused (`OptionError`) before anything else.
     """
+    if revision is not None:
+        from .options import check_revision
+
+        check_revision(revision)
     local = _local_directory(model)
     if local is not None:
         if revision:
-            raise InputError(f"--revision {revision} needs a Hub repo id, but {model} is a local directory")
-        weights = next((local / f for f in (SAFETENSORS_FILE, BIN_FILE) if (local / f).is_file()), None)
+            raise InputError(f"revision {revision} needs a Hub repo id, but {model} is a local directory")
+        weights = weights_file(local)
         if not (local / CONFIG_FILE).is_file() or weights is None:
-            raise CheckpointError(
-                f"{local} is not a Perceiver checkpoint: it needs {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}"
-            )
+            raise CheckpointError(not_a_checkpoint(local))
         return ResolvedModel(model, local, weights)
 
-    from huggingface_hub import constants  # cheap; the rest of huggingface_hub is not (~0.2 s)
-
-    offline = offline or constants.is_offline_mode()
-    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().absolute()
+    # huggingface_hub's constants are read at its import; a caller may have set them since
+    hf_offline = getattr(sys.modules.get("huggingface_hub.constants"), "HF_HUB_OFFLINE", False)
+    offline = offline or offline_from_env() or hf_offline is True
+    cache = Path(cache_dir or hub_cache()).expanduser().absolute()
     hub = _Repo(model, revision, cache, endpoint, offline, progress)
-    # The cache first, before huggingface_hub validates the id in full (the import is the
+    # The cache first, before huggingface_hub validates the id in full (its import is the
     # cost): a repo folder in the cache was made by huggingface_hub for a valid id.
     if not (update and not offline) and _REPO_ID_SHAPE.fullmatch(model) and "--" not in model and ".." not in model:
         found = hub.from_cache()
@@ -108,49 +119,41 @@ def resolve(
         raise CheckpointError(
             f"{model}{hub.at} is not in the cache ({hub.cache}) and offline mode forbids downloading it"
             f" (--offline or HF_HUB_OFFLINE=1): run once online (e.g. `perceiver download --model {model}`),"
-            " or pass --model DIR with a local checkpoint"
+            " or use a local checkpoint directory"
         )
-    return hub.download()
+    with _quiet():
+        return hub.download()
 
 
-def safetensors_problem(path: str | Path) -> str | None:
-    """Why `path` is not a whole safetensors file, or None. Reads only its header.
+@contextmanager
+def _quiet():
+    """huggingface_hub's `UserWarning`s ("Not enough free disk space ...") and its logged
+    warnings ("Error while downloading ... Trying to resume download") would be printed on
+    stderr: the library never prints, and what matters reaches the caller as one
+    CheckpointError line. Both are off for the call (process-wide, as `warnings` and
+    `logging` are), then as they were."""
+    import huggingface_hub.utils.logging  # noqa: F401  (its import sets its logger's level: before ours)
 
-    The header (8-byte length, then JSON) lists every tensor's byte range; in a whole file the
-    last range ends exactly at the end of the file.
-    """
-    try:
-        size = os.stat(path).st_size
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > min(_MAX_HEADER, size - 8):
-                return f"its header length ({n} bytes) does not fit its {size} bytes"
-            header = json.loads(f.read(n))
-        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        return f"unreadable header: {_short(e)}"
-    expected = 8 + n + max(ends, default=0)
-    if expected != size:
-        return f"it has {size} bytes, its header describes {expected}"
-    return None
-
-
-def _config_problem(path: Path) -> str | None:
-    try:
-        return None if isinstance(json.loads(Path(path).read_text(encoding="utf-8")), dict) else "not a JSON object"
-    except (OSError, ValueError) as e:
-        return f"not JSON: {_short(e)}"
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.setLevel(max(logging.ERROR, logger.getEffectiveLevel()))
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 def _local_directory(model: str) -> Path | None:
     """`model` as a local directory; None when it is to be read as a Hub repo id."""
     if not model.strip():  # Path("") would be the current directory
-        raise InputError("--model is empty: give a Hub repo id (like deepmind/language-perceiver) or a checkpoint directory")
+        raise InputError("model is empty: give a Hub repo id (like deepmind/language-perceiver) or a checkpoint directory")
     path = Path(model).expanduser()
     if path.is_dir():
         return path.absolute()
     if path.exists():
-        raise CheckpointError(f"{model} is a file: --model takes a checkpoint directory or a Hub repo id")
+        raise CheckpointError(f"{model} is a file: the model is a checkpoint directory or a Hub repo id")
     if model.startswith((".", "/", "~")) or "\\" in model or path.is_absolute():
         raise CheckpointError(f"local model directory {model} does not exist")
     return None
@@ -167,36 +170,50 @@ def _check_repo_id(model: str) -> None:
         validate_repo_id(model)
     except HFValidationError:
         raise CheckpointError(
-            f"--model {model!r} is neither a local directory nor a Hub repo id (like deepmind/language-perceiver)"
+            f"model {model!r} is neither a local directory nor a Hub repo id (like deepmind/language-perceiver)"
         ) from None
 
 
-class _Unreadable(Exception):
-    """A downloaded pytorch_model.bin that torch.load(weights_only=True) cannot read."""
+def _network_error(e: BaseException, kind: str = "TransportError") -> bool:
+    """An error of the network itself: `TransportError` (any: refused, timed out, broken off)
+    or `ConnectError` (no connection made). huggingface_hub lets its HTTP client's own errors
+    through for these (httpx's in 1.x, httpx2's in 2.x); this module imports neither client, so
+    they are told by class name. Python's own `ConnectionError` counts as well (huggingface_hub's
+    `OfflineModeIsEnabled` is one)."""
+    return isinstance(e, (ConnectionError, TimeoutError) if kind == "TransportError" else ConnectionError) or any(
+        cls.__name__ == kind and cls.__module__.startswith("httpx") for cls in type(e).__mro__
+    )
 
 
 class _Repo:
     """One Hub repo at one revision, in one cache."""
 
     def __init__(self, repo_id, revision, cache: Path, endpoint, offline: bool, progress: bool):
-        from huggingface_hub import constants
-
         self.repo_id, self.revision, self.cache = repo_id, revision, cache
-        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self._endpoint = endpoint
         self.offline, self.progress = offline, progress
         self.folder = cache / "--".join(["models", *repo_id.split("/")])  # models--<org>--<name>
         self.refetch: set[str] = set()  # cached files found corrupted: download again
         self.at = f" (revision {revision})" if revision else ""
 
+    @property
+    def endpoint(self) -> str:
+        """The Hub's URL: as given, else `HF_ENDPOINT` now, else huggingface_hub's default."""
+        if self._endpoint is None:
+            from huggingface_hub import constants
+
+            self._endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        return self._endpoint.rstrip("/")
+
     # -- the cache, no network -----------------------------------------------------------
 
     def from_cache(self) -> ResolvedModel | None:
         """The checkpoint from the cache alone; None when something is missing or bad."""
-        config = self._cached(CONFIG_FILE, self.revision or "main")
-        if config is None or self._is_bad(CONFIG_FILE, config, _config_problem(config)):
+        config = self.cached(CONFIG_FILE, self.revision or "main")
+        if config is None or self._is_bad(CONFIG_FILE, config, config_problem(config)):
             return None
         commit = config.parent.name  # snapshots/<commit>/config.json
-        weights = self._cached(SAFETENSORS_FILE, commit)
+        weights = self.cached(SAFETENSORS_FILE, commit)
         if weights is not None:
             if self._is_bad(SAFETENSORS_FILE, weights, safetensors_problem(weights)):
                 return None
@@ -204,28 +221,29 @@ class _Repo:
         converted = self._converted(commit)
         if converted is not None:
             return converted
-        weights = self._cached(BIN_FILE, commit)
+        weights = self.cached(BIN_FILE, commit)
         if weights is not None:
+            from .checkpoint import UnreadableWeights
+
             try:
                 return self._convert(config, weights, commit)
-            except _Unreadable as e:
-                self._is_bad(BIN_FILE, weights, str(e))
+            except UnreadableWeights as e:
+                self._is_bad(BIN_FILE, weights, e.reason)
         return None
 
-    def _cached(self, filename: str, revision: str) -> Path | None:
+    def cached(self, filename: str, revision: str) -> Path | None:
         """`filename` at `revision` (a branch, tag or commit) in the cache, or None.
 
-        What huggingface_hub's `try_to_load_from_cache` does, without its import: the cache
-        layout is `refs/<branch or tag>` holding a commit, `snapshots/<commit>/<filename>`.
+        What huggingface_hub's `try_to_load_from_cache` answers (tests/test_hub.py checks it),
+        without importing its download machinery: ~0.2 s of a cold start on this machine. The
+        layout: `refs/<branch or tag>` holds a commit; `snapshots/<commit>/<filename>`.
         """
-        if ".." in Path(revision).parts:
-            return None
         ref = self.folder / "refs" / revision
         try:
             commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
         except (OSError, ValueError):
             return None
-        if not commit or "/" in commit or commit in (".", ".."):
+        if not commit or "/" in commit or "\\" in commit or commit in (".", ".."):
             return None
         path = self.folder / "snapshots" / commit / filename
         return path if path.is_file() else None
@@ -249,6 +267,13 @@ class _Repo:
             return self._found(directory, weights, commit, converted=True)
         return None  # absent or bad: convert again from pytorch_model.bin
 
+    def _convert(self, config: Path, bin_path: Path, commit: str) -> ResolvedModel:
+        from .checkpoint import convert_bin
+
+        directory = self.folder / CONVERTED_DIR / commit
+        weights = convert_bin(bin_path, config, directory, source=f"{self.repo_id}@{commit}/{BIN_FILE}")
+        return self._found(directory, weights, commit, converted=True)
+
     def _found(self, directory: Path, weights: Path, commit: str, converted: bool = False) -> ResolvedModel:
         return ResolvedModel(self.repo_id, directory, weights, self.repo_id, self.revision, commit, converted)
 
@@ -256,20 +281,22 @@ class _Repo:
 
     def download(self) -> ResolvedModel:
         """Fetch what the cache lacks (or holds corrupted) and return the checkpoint."""
-        from huggingface_hub.errors import RemoteEntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError
+
+        from .checkpoint import UnreadableWeights
 
         if not self._reachable():
             found = self.from_cache()  # `update` went online first: the cache will do
             if found is not None:
                 return found
             raise self._unreachable()
-        config, problem = self._fetch_checked(CONFIG_FILE, self.revision, _config_problem)
+        config, problem = self._fetch_checked(CONFIG_FILE, self.revision, config_problem)
         if problem:
             raise CheckpointError(f"{self.repo_id}{self.at}: {CONFIG_FILE} is {problem}; not a model checkpoint")
         commit = config.parent.name
         try:  # pinned to config.json's commit
             weights, problem = self._fetch_checked(SAFETENSORS_FILE, commit, safetensors_problem)
-        except RemoteEntryNotFoundError:
+        except EntryNotFoundError:
             weights = None
         if weights is not None:
             if problem:
@@ -281,28 +308,34 @@ class _Repo:
         converted = self._converted(commit)
         if converted is not None:
             return converted
-        was_cached = self._cached(BIN_FILE, commit) is not None
+        was_cached = self.cached(BIN_FILE, commit) is not None
         try:
             weights = self._fetch(BIN_FILE, commit)
-        except RemoteEntryNotFoundError:
+        except EntryNotFoundError:
             raise CheckpointError(
                 f"{self.repo_id}{self.at} has neither {SAFETENSORS_FILE} nor {BIN_FILE}: no weights to load;"
-                " check --model and --revision"
+                " pick another model or revision"
             ) from None
         try:
             return self._convert(config, weights, commit)
-        except _Unreadable as e:
+        except UnreadableWeights as e:
             if not was_cached:  # just downloaded whole (its size was checked): the file itself is bad
                 raise self._bad_bin(commit, e) from None
-            weights = self._fetch(BIN_FILE, commit, force=True)  # cached but corrupted: once more from the Hub
+        weights = self._fetch(BIN_FILE, commit, force=True)  # cached but corrupted: once more from the Hub
         try:
             return self._convert(config, weights, commit)
-        except _Unreadable as e:
+        except UnreadableWeights as e:
             raise self._bad_bin(commit, e) from None
+
+    def _bad_bin(self, commit: str, e) -> CheckpointError:
+        return CheckpointError(
+            f"{BIN_FILE} of {self.repo_id} at commit {commit[:12]} cannot be read as plain tensors"
+            f" (torch.load weights_only=True): {e.reason}"
+        )
 
     def _fetch_checked(self, filename: str, revision: str | None, problem_of) -> tuple[Path, str | None]:
         """The file and what is wrong with it; a cached copy gone bad is fetched once more."""
-        was_cached = filename not in self.refetch and self._cached(filename, revision or "main") is not None
+        was_cached = filename not in self.refetch and self.cached(filename, revision or "main") is not None
         path = self._fetch(filename, revision)
         problem = problem_of(path)
         if problem and was_cached:
@@ -310,35 +343,30 @@ class _Repo:
             problem = problem_of(path)
         return path, problem
 
-    def _bad_bin(self, commit: str, e: _Unreadable) -> CheckpointError:
-        return CheckpointError(
-            f"{BIN_FILE} of {self.repo_id} at commit {commit[:12]} cannot be read as plain tensors"
-            f" (torch.load weights_only=True): {e}"
-        )
-
     def _reachable(self) -> bool:
         """One HEAD request, without huggingface_hub's retries (they take half a minute when offline).
 
         Also turns a missing repo or revision into its error before anything is downloaded.
         """
-        import httpx2
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.errors import HfHubHTTPError
 
         url = hf_hub_url(self.repo_id, CONFIG_FILE, revision=self.revision or "main", endpoint=self.endpoint)
         try:
             get_hf_file_metadata(url, endpoint=self.endpoint)
-        except (httpx2.TransportError, ConnectionError):  # no network, no server, a timeout
-            return False
         except HfHubHTTPError as e:
             if e.response is not None and e.response.status_code >= 500:
                 return False  # the Hub is down: the cache may still do
+            raise self._error(e, CONFIG_FILE) from None
+        except Exception as e:
+            if _network_error(e):  # no network, no server, a timeout
+                return False
             raise self._error(e, CONFIG_FILE) from None
         return True
 
     def _fetch(self, filename: str, revision: str | None, force: bool = False) -> Path:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import RemoteEntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError
 
         force = force or filename in self.refetch
         try:
@@ -351,9 +379,9 @@ class _Repo:
                 force_download=force,
                 tqdm_class=_progress_class(self.progress),
             )
-        except RemoteEntryNotFoundError as e:
-            if filename != CONFIG_FILE:
-                raise  # the caller tries the other weights file
+        except EntryNotFoundError as e:
+            if filename != CONFIG_FILE and not isinstance(e, FileNotFoundError):
+                raise  # not on the Hub: the caller tries the other weights file
             raise self._error(e, filename) from None
         except Exception as e:
             if force and type(e) is ValueError and e.__cause__ is not None:
@@ -364,7 +392,6 @@ class _Repo:
 
     def _error(self, e: BaseException, filename: str) -> CheckpointError:
         """huggingface_hub's and the network's errors as one line that says what to do."""
-        import httpx2
         from huggingface_hub import errors
 
         if isinstance(e, errors.GatedRepoError):
@@ -373,29 +400,29 @@ class _Repo:
             )
         if isinstance(e, errors.RepositoryNotFoundError):
             return CheckpointError(
-                f"model {self.repo_id!r} not found on the Hub ({self.endpoint}): check --model (a Hub repo id such as"
-                " deepmind/language-perceiver, or a local directory; a private repo needs `hf auth login`)"
+                f"model {self.repo_id!r} not found on the Hub ({self.endpoint}): check the model name (a Hub repo id"
+                " such as deepmind/language-perceiver, or a local directory; a private repo needs `hf auth login`)"
             )
         if isinstance(e, errors.RevisionNotFoundError):
             return CheckpointError(
-                f"revision {self.revision!r} not found in {self.repo_id}: check --revision (a branch, tag or commit)"
+                f"revision {self.revision!r} not found in {self.repo_id}: check the revision (a branch, tag or commit)"
             )
-        if isinstance(e, errors.RemoteEntryNotFoundError):
-            return CheckpointError(f"{self.repo_id}{self.at} has no {filename}: not a model checkpoint; check --model")
-        if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, httpx2.ConnectError)):
+        if isinstance(e, errors.LocalEntryNotFoundError) or _network_error(e, "ConnectError"):
             return self._unreachable(filename)
+        if isinstance(e, errors.EntryNotFoundError):
+            return CheckpointError(f"{self.repo_id}{self.at} has no {filename}: not a model checkpoint")
         if isinstance(e, errors.HfHubHTTPError) and e.response is not None:
             return CheckpointError(
                 f"the Hub answered HTTP {e.response.status_code} for {filename} of {self.repo_id}: try again later"
             )
-        if isinstance(e, (httpx2.TransportError, ConnectionError)) or (isinstance(e, OSError) and e.errno is None):
+        if _network_error(e) or (isinstance(e, OSError) and e.errno is None):
             return CheckpointError(  # a broken connection, or fewer bytes than announced
-                f"the download of {filename} from {self.repo_id} was cut off ({_short(e)}): run the command again"
+                f"the download of {filename} from {self.repo_id} was cut off ({short_error(e)}): run the command again"
                 " (nothing partial is kept)"
             )
         if isinstance(e, OSError):
-            return CheckpointError(f"cannot write {filename} to the cache {self.cache}: {e.strerror or _short(e)}")
-        return CheckpointError(f"cannot download {filename} from {self.repo_id}: {_short(e)}")
+            return CheckpointError(f"cannot write {filename} to the cache {self.cache}: {e.strerror or short_error(e)}")
+        return CheckpointError(f"cannot download {filename} from {self.repo_id}: {short_error(e)}")
 
     def _unreachable(self, filename: str | None = None) -> CheckpointError:
         filename = filename or min(self.refetch, default=None)
@@ -407,53 +434,8 @@ class _Repo:
         missing = f"{filename} of {self.repo_id}" if filename else f"{self.repo_id}{self.at}"
         return CheckpointError(
             f"cannot reach the Hub ({self.endpoint}) and {missing} is not in the cache ({self.cache}):"
-            " connect to the internet once (later runs work offline), or pass --model DIR with a local checkpoint"
+            " connect to the internet once (later runs work offline), or use a local checkpoint directory"
         )
-
-    # -- pytorch_model.bin -> model.safetensors ------------------------------------------
-
-    def _convert(self, config: Path, bin_path: Path, commit: str) -> ResolvedModel:
-        """Keep a safetensors copy of a cached pytorch_model.bin, so later loads are memory-mapped."""
-        import torch
-        from safetensors.torch import save_file
-
-        try:  # weights_only: plain tensors only, never code from the file
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            if "weights only load failed" in str(e).lower():  # torch suggests turning the safe mode off: never
-                raise _Unreadable("it holds more than tensors, and loading those could run code") from None
-            raise _Unreadable(_short(e)) from None
-        if not isinstance(state, dict) or not state:
-            raise _Unreadable("it holds no state dict")
-        tensors, storages = {}, set()
-        for name, tensor in state.items():
-            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-                raise _Unreadable(f"entry {name!r} is not a named tensor")
-            tensor = tensor.contiguous()
-            storage = tensor.untyped_storage().data_ptr()
-            if storage in storages:  # safetensors stores no shared memory: give the sharer its own
-                tensor = tensor.clone()
-            storages.add(tensor.untyped_storage().data_ptr())
-            tensors[name] = tensor
-        directory = self.folder / CONVERTED_DIR / commit
-        weights = directory / SAFETENSORS_FILE
-        try:  # each file is written whole, then renamed into place: a reader never sees half of one
-            directory.mkdir(parents=True, exist_ok=True)
-            _write_atomically(directory / CONFIG_FILE, lambda tmp: shutil.copyfile(config, tmp))
-            metadata = {"format": "pt", "source": f"{self.repo_id}@{commit}/{BIN_FILE}"}
-            _write_atomically(weights, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        except OSError as e:
-            raise CheckpointError(f"cannot write the safetensors copy of {BIN_FILE} to {directory}: {_short(e)}") from e
-        return self._found(directory, weights, commit, converted=True)
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 _PROGRESS_CLASSES: dict[bool, type] = {}
@@ -478,8 +460,3 @@ def _progress_class(progress: bool) -> type:
 
         _PROGRESS_CLASSES.update({True: Bar, False: Silent})
     return _PROGRESS_CLASSES[progress]
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

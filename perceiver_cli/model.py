@@ -54,7 +54,13 @@ class PerceiverConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PerceiverConfig":
-        """Build from a reference `config.json` dict; unknown keys are ignored."""
+        """Build from a reference `config.json` dict; unknown keys are ignored.
+
+        Every value is checked (type and bounds, see `validate`) before anything is built: a
+        bad one raises ValueError naming its key.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of settings, not {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg.validate()
@@ -62,7 +68,11 @@ class PerceiverConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PerceiverConfig":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except RecursionError:
+            raise ValueError("it is nested too deeply to be a config") from None
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -87,22 +97,70 @@ class PerceiverConfig:
         return self.v_channels if self.v_channels is not None else self.self_qk
 
     def validate(self) -> None:
+        """Raise ValueError, naming the key, for a value of the wrong type or out of bounds.
+
+        The bounds are generous (the full-size model is far inside them) but keep a hostile
+        config.json from asking for 10**9 layers or a zero-width tensor before any weight is
+        read; the weights file is then checked against the shapes this config implies.
+        """
+        for name, lo, hi in _BOUNDS:
+            value = getattr(self, name)
+            if value is None and name in ("qk_channels", "v_channels"):
+                continue
+            if type(value) is not int:
+                raise ValueError(f"{name} must be a whole number (got {_shown(value)})")
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi} (got {value})")
+        if type(self.use_query_residual) is not bool:
+            raise ValueError(f"use_query_residual must be true or false (got {_shown(self.use_query_residual)})")
         if self.hidden_act != "gelu":
-            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} (only 'gelu')")
+            raise ValueError(f"hidden_act must be 'gelu', the only activation supported (got {_shown(self.hidden_act)})")
         if self.cross_attention_shape_for_attention not in ("q", "kv"):
-            raise ValueError("cross_attention_shape_for_attention must be 'q' or 'kv'")
+            raise ValueError(
+                f"cross_attention_shape_for_attention must be 'q' or 'kv' (got {_shown(self.cross_attention_shape_for_attention)})"
+            )
+        for name, width in (("self_attention_widening_factor", self.d_latents), ("cross_attention_widening_factor", self.d_latents)):
+            if getattr(self, name) * width > MAX_WIDTH:
+                raise ValueError(f"{name} makes an MLP wider than {MAX_WIDTH} (d_latents {width} x {getattr(self, name)})")
         if self.self_v != self.d_latents:
             raise ValueError("v_channels must equal d_latents (the self-attention residual needs it)")
         checks = [
-            (self.encoder_cross_qk, self.num_cross_attention_heads),
-            (self.encoder_cross_v, self.num_cross_attention_heads),
-            (self.self_qk, self.num_self_attention_heads),
-            (self.self_v, self.num_self_attention_heads),
-            (self.d_model, DECODER_HEADS),
+            ("qk_channels", self.encoder_cross_qk, "num_cross_attention_heads", self.num_cross_attention_heads),
+            ("v_channels", self.encoder_cross_v, "num_cross_attention_heads", self.num_cross_attention_heads),
+            ("qk_channels", self.self_qk, "num_self_attention_heads", self.num_self_attention_heads),
+            ("v_channels", self.self_v, "num_self_attention_heads", self.num_self_attention_heads),
+            ("d_model", self.d_model, "the decoder's heads", DECODER_HEADS),
         ]
-        for channels, heads in checks:
+        for name, channels, heads_name, heads in checks:
             if channels % heads:
-                raise ValueError(f"{channels} channels are not divisible by {heads} heads")
+                raise ValueError(f"{name}: {channels} channels are not divisible by {heads} heads ({heads_name})")
+
+
+MAX_WIDTH = 1 << 16  # channels of any one layer
+MAX_LAYERS = 256  # num_self_attends_per_block (the full-size model has 26)
+MAX_BLOCKS = 64  # num_blocks: passes through the shared stack (the full-size model makes 1)
+# (field, lowest, highest) of every whole-number setting
+_BOUNDS = (
+    ("vocab_size", 262, MAX_WIDTH),  # 256 bytes + 6 special ids: the tokenizer uses all 262
+    ("max_position_embeddings", 3, 1 << 16),  # [CLS] + at least one byte + [SEP]
+    ("d_model", 1, MAX_WIDTH),
+    ("num_latents", 1, MAX_WIDTH),
+    ("d_latents", 1, MAX_WIDTH),
+    ("num_blocks", 1, MAX_BLOCKS),
+    ("num_self_attends_per_block", 1, MAX_LAYERS),
+    ("num_self_attention_heads", 1, MAX_WIDTH),
+    ("num_cross_attention_heads", 1, MAX_WIDTH),
+    ("qk_channels", 1, MAX_WIDTH),
+    ("v_channels", 1, MAX_WIDTH),
+    ("self_attention_widening_factor", 1, MAX_WIDTH),
+    ("cross_attention_widening_factor", 1, MAX_WIDTH),
+)
+
+
+def _shown(value) -> str:
+    """A config value for an error message: short, one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
 
 
 class Attention(nn.Module):
