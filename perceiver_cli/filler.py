@@ -157,10 +157,9 @@ class MaskFiller:
         net = load_model(resolved.directory, device=device, dtype=pick_dtype(options.dtype, device))
         notes = []
         if options.quantize == "int8":
-            from .quantize import cache_path, quantize_int8
+            from .quantize import quantize_int8
 
-            note = quantize_int8(net, cache_path(resolved.weights))  # TODO(quantize API): returns a note
-            note = note if isinstance(note, str) else None
+            note = quantize_int8(net, resolved.weights)  # a note when the int8 cache could not be written
             if note:
                 notes.append(note)
         filler = cls(net, options.batch_size)

@@ -12,17 +12,24 @@ ones. Results are close to, not equal to, fp32: `--strategy oneshot` parity with
 reference holds for fp32 only.
 
 Quantizing 200M weights takes a while, so the int8 weights are cached once per checkpoint
-file in `cache_dir()` and read back memory-mapped on later runs.
+file in `cache_dir()` (`$HF_HOME/perceiver/int8/`) and read back memory-mapped on later runs.
+The cache is keyed by what the weights are, never by something a copy can fake: a Hub blob's
+file name is the sha256 of its content; any other file is keyed by its resolved path, size,
+inode and ctime (a replacement, even of the same size with its mtime copied back, changes
+the ctime). A cache that cannot be written (read-only, full disk, a file in its way) is no
+failure: the weights are quantized in memory and the caller gets a note to show.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .layout import hf_home, short_error, write_atomically
 
 FORMAT = "int8-v2"  # bump when the cached layout changes
 
@@ -67,40 +74,84 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def quantize_int8(model: nn.Module, cache: Path | None = None) -> nn.Module:
-    """Replace the chosen nn.Linear layers of `model` by Int8Linears, reading/writing `cache` if given."""
-    from safetensors.torch import load_file, save_file
+def quantize_int8(model: nn.Module, weights: Path | None) -> str | None:
+    """Replace the chosen nn.Linear layers of `model` (in place) by Int8Linears.
 
+    `weights` is the checkpoint file the model was loaded from: its int8 copy is read from the
+    cache, or made and written there. None: quantize without a cache. Returns a one-line note
+    for the user when the cache could not be written (the model is quantized all the same),
+    else None; never raises for a cache problem.
+    """
     linears = _linears(model)
-    stored = None
-    if cache is not None and cache.is_file():
+    cache = None
+    if weights is not None:
         try:
-            stored = load_file(cache)
-        except Exception:  # a broken cache file is rebuilt below
-            stored = None
-    if stored is not None and all(f"{n}.weight_t" in stored for n, _ in linears):
+            cache = cache_path(weights)
+        except OSError:  # the weights file went away: nothing to key a cache on
+            cache = None
+    stored = _read(cache, linears) if cache is not None else None
+    if stored is not None:
         for name, _ in linears:
-            _swap(model, name, Int8Linear(*(stored[f"{name}.{k}"] for k in ("weight_t", "scale", "bias"))))
-        return model
+            _swap(model, name, Int8Linear(*(stored[f"{name}.{k}"] for k in _BUFFERS)))
+        return None
     for name, linear in linears:
         _swap(model, name, Int8Linear.from_linear(linear))
-    if cache is not None:
-        tensors = {f"{n}.{k}": getattr(model.get_submodule(n), k) for n, _ in linears for k in ("weight_t", "scale", "bias")}
+    if cache is None:
+        return None
+    from safetensors.torch import save_file
+
+    tensors = {f"{n}.{k}": getattr(model.get_submodule(n), k) for n, _ in linears for k in _BUFFERS}
+    try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
-    return model
+        write_atomically(cache, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    except Exception as e:  # OSError, or safetensors' own error for a full disk
+        return (
+            f"the int8 weights could not be cached in {cache.parent} ({short_error(e)}):"
+            " they were quantized in memory, and will be again on the next run"
+        )
+    return None
 
 
-def cache_path(weights_file: Path) -> Path:
-    """Where the int8 copy of `weights_file` is cached (keyed by its path, size and mtime)."""
-    st = weights_file.stat()
-    key = hashlib.sha256(f"{FORMAT}|{weights_file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+_BUFFERS = ("weight_t", "scale", "bias")
+
+
+def _read(cache: Path, linears) -> dict[str, torch.Tensor] | None:
+    """The cached int8 tensors when the file is whole and fits these layers, else None."""
+    from safetensors.torch import load_file
+
+    try:
+        stored = load_file(cache)
+    except Exception:  # absent, unreadable or broken: made again
+        return None
+    for name, linear in linears:
+        out, inp = linear.weight.shape
+        want = {"weight_t": ((inp, out), torch.int8), "scale": ((out,), torch.float32), "bias": ((out,), torch.float32)}
+        for key, (shape, dtype) in want.items():
+            t = stored.get(f"{name}.{key}")
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                return None
+    return stored
+
+
+_BLOB = re.compile(r"[0-9a-f]{64}")  # a Hub cache blob: its name is the sha256 of its content
+
+
+def cache_path(weights: Path) -> Path:
+    """Where the int8 copy of the weights file `weights` is cached. Raises OSError if it is gone.
+
+    A Hub snapshot file resolves to `blobs/<sha256 of the content>`: the key is that hash.
+    Any other file: its resolved path, size, inode and ctime (which no copy or `touch` can set).
+    """
+    real = Path(weights).resolve()
+    st = real.stat()
+    if real.parent.name == "blobs" and _BLOB.fullmatch(real.name):
+        what = f"sha256:{real.name}"
+    else:
+        what = f"{real}|{st.st_size}|{st.st_ino}|{st.st_ctime_ns}"
+    key = hashlib.sha256(f"{FORMAT}|{what}".encode()).hexdigest()[:24]
     return cache_dir() / f"{key}.safetensors"
 
 
 def cache_dir() -> Path:
     """`$HF_HOME/perceiver/int8`, beside the Hub cache (HF_HOME defaults to ~/.cache/huggingface)."""
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface"
-    return Path(home) / "perceiver" / "int8"
+    return hf_home() / "perceiver" / "int8"
