@@ -137,7 +137,7 @@ def _silence_stdout() -> None:
 
 @contextmanager
 def _failures():
-    """Map failures to DESIGN.md's exit codes and one-line errors on stderr.
+    """Map failures to the exit codes of README.md (Exit status and errors) and one-line errors on stderr.
 
     `PerceiverError` (its `.exit_code`: 2 bad input, 1 runtime), anything unexpected 1,
     Ctrl-C 130, a closed stdout pipe 141 and silent. `PERCEIVER_DEBUG=1` re-raises

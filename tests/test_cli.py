@@ -1,4 +1,4 @@
-"""The `perceiver fill` command (DESIGN.md section 3), on a tiny random checkpoint.
+"""The `perceiver fill` command (README.md, Filling text), on a tiny random checkpoint.
 
 In-process through `typer.testing.CliRunner` for most behaviours, and through real
 subprocesses for what only a real process shows: pipes, a closed pipe, a terminal,
