@@ -381,12 +381,16 @@ def test_float16_overflow_is_one_error_line_naming_float32(tmp_path):
     assert invoke(tmp_path, "a [MASK:2] b").exit_code == 0  # float32 copes
 
 
-def test_int8_and_threads_options_fill_the_same_spans(tiny_checkpoint):
-    result = invoke(tiny_checkpoint, "--quantize", "INT8", "--threads", "1", "--json", DOC)  # any case, as --device
+def test_int8_fills_are_close_to_float32_fills_and_not_the_same_pass(tiny_checkpoint, filler):
+    """--quantize int8 (any case, as --device) with --threads: the same fills as float32 here,
+    log-probabilities close but not equal (the int8 products really ran)."""
+    result = invoke(tiny_checkpoint, "--quantize", "INT8", "--threads", "1", "--json", "--strategy", "oneshot", DOC)
     assert result.exit_code == 0, result.stderr
     spans = json.loads(result.stdout)["spans"]
-    assert spans[0]["length"] == 4
-    assert json.loads(result.stdout)["text"].encode() == rebuild(DOC, [bytes(s["bytes"]) for s in spans]).decode("utf-8", "replace").encode()
+    fp32 = filler.fill(DOC, strategy="oneshot").spans
+    assert [bytes(s["bytes"]) for s in spans] == [s.data for s in fp32]
+    differences = [abs(s["logprob"] - f.logprob) for s, f in zip(spans, fp32)]
+    assert all(d < 0.1 for d in differences) and any(d > 1e-4 for d in differences), differences
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
