@@ -229,6 +229,35 @@ def test_corrupted_converted_copy_is_made_again_from_the_cached_bin(hub, tiny_bi
     assert hub.requests == []
 
 
+def test_converted_copy_has_the_mode_of_the_hub_blobs(hub, tiny_bin):
+    hub.add("org/bin", tiny_bin)
+    old = os.umask(0o022)
+    try:
+        found = resolve("org/bin", cache_dir=hub_cache(), endpoint=hub.url)
+    finally:
+        os.umask(old)
+    blob = (snapshot("org/bin", found.commit) / "pytorch_model.bin").resolve()
+    assert blob.stat().st_mode & 0o777 == 0o644
+    for path in (found.weights, found.directory / "config.json"):
+        assert path.stat().st_mode & 0o777 == 0o644, path  # was 0600 for model.safetensors
+
+
+def test_legacy_non_zip_bin_converts_and_loads_as_from_a_local_directory(hub, tiny_checkpoint, tmp_path):
+    import torch
+
+    from perceiver_cli.checkpoint import load_model
+
+    legacy = tmp_path / "legacy"
+    ref = make_reference(legacy, safe=False, **TINY)
+    torch.save(ref.state_dict(), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    hub.add("org/legacy", legacy)
+    found = resolve("org/legacy", cache_dir=hub_cache(), endpoint=hub.url)
+    assert found.converted
+    via_hub, local, expected = load_model(found.directory), load_model(legacy), load_model(tiny_checkpoint)
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(via_hub.state_dict()[name], tensor) and torch.equal(local.state_dict()[name], tensor), name
+
+
 class _Code:
     """Unpickling this runs a function: what `torch.load(weights_only=True)` must refuse."""
 
@@ -398,3 +427,89 @@ def test_progress_bars_on_a_terminal_only(hub, tiny_checkpoint):
     assert proc.returncode == 0
     assert b"model.safetensors: 100%" in terminal
     assert b"100%" not in proc.stdout
+
+
+# -- the cache lookup, huggingface_hub's rules, revisions, warnings --------------------------------
+
+
+def test_our_cache_lookup_finds_what_huggingface_hub_finds(hub, tiny_checkpoint, tiny_bin):
+    """The warm path reads refs/ and snapshots/ itself; for a cache filled by the real
+    hf_hub_download it must answer exactly as huggingface_hub's try_to_load_from_cache."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    from perceiver_cli.hub import _Repo
+
+    cache = hub_cache()
+    first = hub.add("org/tiny", tiny_checkpoint, tags=("v1",))
+    for revision in ("main", "v1"):
+        hf_hub_download("org/tiny", "config.json", revision=revision, cache_dir=cache, endpoint=hub.url)
+    hf_hub_download("org/tiny", "model.safetensors", revision=first, cache_dir=cache, endpoint=hub.url)
+    second = hub.add("org/tiny", tiny_bin)  # main moves on to a commit without model.safetensors
+    hf_hub_download("org/tiny", "config.json", cache_dir=cache, endpoint=hub.url)
+    with pytest.raises(Exception):  # recorded in .no_exist/<commit>/
+        hf_hub_download("org/tiny", "model.safetensors", cache_dir=cache, endpoint=hub.url)
+    assert first != second
+
+    ours = _Repo("org/tiny", None, cache, hub.url, offline=True, progress=False)
+    revisions = ["main", "v1", first, second, first[:12], "nope", "refs", ".", "..", "main/../v1"]
+    for filename in ("config.json", "model.safetensors", "pytorch_model.bin"):
+        for revision in revisions:
+            theirs = try_to_load_from_cache("org/tiny", filename, cache_dir=cache, revision=revision)
+            theirs = Path(theirs) if isinstance(theirs, str) else None
+            assert ours.cached(filename, revision) == theirs, (filename, revision)
+    assert ours.cached("model.safetensors", "v1") is not None  # the lookup is not trivially None
+
+
+@pytest.mark.parametrize("env", [
+    {"HF_HOME": "/srv/hf"},
+    {"XDG_CACHE_HOME": "/srv/xdg"},
+    {"HF_HOME": "~/hf-$USER", "USER": "me"},
+    {"HF_HUB_CACHE": "/srv/hub", "HF_HUB_OFFLINE": "true"},
+    {"HUGGINGFACE_HUB_CACHE": "/srv/legacy", "TRANSFORMERS_OFFLINE": "1"},
+    {"HF_HUB_OFFLINE": "0"},
+])
+def test_cache_locations_and_offline_mode_follow_huggingface_hubs_rules(monkeypatch, env):
+    from perceiver_cli import layout
+
+    for name in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    theirs = subprocess.run([sys.executable, "-c", (
+        "from huggingface_hub import constants as c; print(c.HF_HOME); print(c.HF_HUB_CACHE); print(c.HF_HUB_OFFLINE)"
+    )], env=dict(os.environ), capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert theirs == [str(layout.hf_home()), str(layout.hub_cache()), str(layout.offline_from_env())]
+
+
+def test_a_revision_that_is_a_path_is_refused_before_any_request(hub, tiny_checkpoint, tmp_path):
+    from perceiver_cli.options import OptionError
+
+    hub.add("org/tiny", tiny_checkpoint)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    for revision in ("../../x", "/etc", "main/../../x", "a\\b"):
+        with pytest.raises(OptionError, match="revision"):
+            resolve("org/tiny", revision, cache_dir=hub_cache(), endpoint=hub.url)
+        with pytest.raises(OptionError, match="revision"):
+            resolve("org/tiny", revision, cache_dir=hub_cache(), endpoint=hub.url, update=True)
+    proc = cli("download", "--model", "org/tiny", "--revision", "../../x")
+    assert proc.returncode == 2 and "revision" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert hub.requests == []
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written, in HF_HOME or beside it
+
+
+def test_huggingface_hub_warnings_never_reach_stderr(hub, tiny_checkpoint, monkeypatch, capfd):
+    """A nearly full disk made huggingface_hub warn on stderr before our own error line."""
+    import shutil as shutil_module
+    import warnings
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9, 0))
+    hub.add("org/tiny", tiny_checkpoint)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = resolve("org/tiny", cache_dir=hub_cache(), endpoint=hub.url)
+    assert found.weights.is_file()
+    assert [str(w.message) for w in caught] == []
+    assert capfd.readouterr().err == ""
