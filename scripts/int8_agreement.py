@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,7 +39,9 @@ def main() -> None:
     cases = load_cases(args.cases, None)
     fp32 = MaskFiller(load_model(args.model))
     if args.variant == "int8":
-        other = MaskFiller(quantize_int8(load_model(args.model), Path(tempfile.mkdtemp()) / "int8.safetensors"))
+        int8_model = load_model(args.model)
+        quantize_int8(int8_model, None)  # in memory, no cache
+        other = MaskFiller(int8_model)
     else:
         other = MaskFiller(load_model(args.model, dtype=DTYPES[args.variant]))
     print(f"{len(cases)} cases from {args.cases}, model {args.model}, torch {torch.__version__}\n")
