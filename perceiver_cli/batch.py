@@ -313,6 +313,40 @@ def _fill_chunk(fill_many: FillMany, pending, options: FillOptions, skip: int) -
             yield Outcome(number, line or b"", end, result)
 
 
+@dataclass
+class Tally:
+    """What became of the lines of a run, and its one-line summary."""
+
+    filled: int = 0
+    failed: int = 0
+    blank: int = 0
+
+    def add(self, result: FillResult | InputError | None) -> None:
+        if result is None:
+            self.blank += 1
+        elif isinstance(result, Exception):
+            self.failed += 1
+        else:
+            self.filled += 1
+
+    def summary(self) -> str:
+        text = f"{self.filled} filled, {self.failed} failed"
+        return text + (f", {self.blank} blank passed through" if self.blank else "")
+
+
+def output_line(o: Outcome, options: FillOptions, as_json: bool) -> bytes:
+    """The output line of one input line: a JSON Lines object, or the plain filled line (a
+    line that failed or was blank comes back as it was)."""
+    if as_json:
+        if o.result is None:
+            return _json(blank_record(o.number, o.line.decode("utf-8", "replace")))
+        if isinstance(o.result, Exception):
+            return _json(error_record(o.number, str(o.result)))
+        return _json(line_record(o.number, o.result, options.top_k, options.explain))
+    data = o.line if o.result is None or isinstance(o.result, Exception) else o.result.data
+    return data + (o.end or b"\n")
+
+
 def run(
     fill_many: FillMany,
     source: BinaryIO,
@@ -327,64 +361,61 @@ def run(
     """Fill every line of `source` into `output`, in order. Returns the number of lines that failed."""
     from rich.text import Text
 
-    skip = output.skip
     reader = LineReader(source)
-    writer = output.writer
-    counts = {"filled": 0, "failed": 0, "empty": 0}
+    tally = Tally()
     if not as_json:
         options = options.replace(single_line=True)  # one output line per input line
-
-    def record(o: Outcome) -> bytes:
-        if o.result is None:  # empty or blank: passed through as is
-            counts["empty"] += 1
-            return _json(blank_record(o.number, o.line.decode("utf-8", "replace"))) if as_json else o.line + (o.end or b"\n")
-        if isinstance(o.result, Exception):
-            counts["failed"] += 1
-            if as_json:
-                return _json(error_record(o.number, str(o.result)))
-            stderr.print(Text(f"line {o.number}: {o.result}", style="yellow"), soft_wrap=True, markup=False, emoji=False)
-            return o.line + (o.end or b"\n")  # the line as it was
-        counts["filled"] += 1
-        if as_json:
-            return _json(line_record(o.number, o.result, options.top_k, options.explain))
-        return o.result.data + (o.end or b"\n")
-
     # A progress bar when stderr is a terminal, unless the results scroll on that terminal.
-    progress = _progress(stderr) if stderr.is_terminal and not (output.path is None and stdout_is_terminal) else None
-    start = time.perf_counter()
-    done = 0
+    shown = stderr.is_terminal and not (output.path is None and stdout_is_terminal)
+    bar = _Bar(stderr if shown else None, reader, source, output.skip)
     try:
-        if progress is not None:
-            progress.start()
-            task = progress.add_task("filling", total=_size(source), completed=reader.consumed, lines=skip, rate="-")
-        for outcome in fill_lines(fill_many, reader, options, chunk=chunk, skip=skip):
-            writer.write(record(outcome))
-            done += 1
-            if progress is not None and (not reader.ready() or done % chunk == 0):
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                progress.update(task, completed=reader.consumed, lines=skip + done, rate=f"{rate:.1f}")
-        if progress is not None:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, completed=reader.consumed, lines=skip + done, rate=f"{rate:.1f}")
+        for outcome in fill_lines(fill_many, reader, options, chunk=chunk, skip=output.skip):
+            tally.add(outcome.result)
+            if isinstance(outcome.result, Exception) and not as_json:
+                stderr.print(Text(f"line {outcome.number}: {outcome.result}", style="yellow"),
+                             soft_wrap=True, markup=False, emoji=False)
+            output.writer.write(output_line(outcome, options, as_json))
+            bar.advance(every=chunk)
     except KeyboardInterrupt:
-        if progress is not None:
-            progress.stop()
-            progress = None
+        bar.stop()
         where = f" to {output.path}; run again with --resume to go on" if output.path is not None else ""
-        stderr.print(f"interrupted: {skip + writer.lines} lines written{where}", soft_wrap=True, markup=False, highlight=False)
+        stderr.print(f"interrupted: {output.skip + output.writer.lines} lines written{where}",
+                     soft_wrap=True, markup=False, highlight=False)
         raise
     finally:
-        if progress is not None:
-            progress.stop()
+        bar.stop()
+    if tally.failed or stderr.is_terminal:
+        summary = tally.summary() + (f" ({output.skip} lines already in {output.path})" if output.skip else "")
+        stderr.print(Text(summary, style="bold red" if tally.failed else "green"), soft_wrap=True)
+    return tally.failed
 
-    if counts["failed"] or stderr.is_terminal:
-        summary = f"{counts['filled']} filled, {counts['failed']} failed"
-        if counts["empty"]:
-            summary += f", {counts['empty']} blank passed through"
-        if skip:
-            summary += f" ({skip} lines already in {output.path})"
-        stderr.print(Text(summary, style="bold red" if counts["failed"] else "green"), soft_wrap=True)
-    return counts["failed"]
+
+class _Bar:
+    """The progress bar of a run on `console` (None: no bar): lines done, lines per second
+    and, when the input is a regular file, the time left from the bytes read."""
+
+    def __init__(self, console: "Console | None", reader: LineReader, source: BinaryIO, skip: int):
+        self.reader, self.skip, self.done, self.start = reader, skip, 0, time.perf_counter()
+        self.progress = _progress(console) if console is not None else None
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task("filling", total=_size(source), completed=reader.consumed, lines=skip, rate="-")
+
+    def advance(self, every: int) -> None:
+        """One more line written; the bar is redrawn once a chunk or when input is awaited."""
+        self.done += 1
+        if self.progress is not None and (not self.reader.ready() or self.done % every == 0):
+            self._update()
+
+    def _update(self) -> None:
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        self.progress.update(self.task, completed=self.reader.consumed, lines=self.skip + self.done, rate=f"{rate:.1f}")
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self._update()
+            self.progress.stop()
+            self.progress = None
 
 
 def _json(obj: dict) -> bytes:
