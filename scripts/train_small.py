@@ -8,7 +8,17 @@ The architecture is `perceiver_cli.model.PerceiverMaskedLM` unchanged: byte voca
 `[CLS] bytes [SEP]` inputs, masked positions given the `[MASK]` id. Checkpoints are saved
 in the reference layout (`config.json` + `model.safetensors`, via
 `checkpoint.save_reference`) to `OUT/checkpoint/` every `--save-every` minutes and at the
-end, so the loader and the CLI read them as they read `deepmind/language-perceiver`.
+end, so the loader and the CLI read them as they read `deepmind/language-perceiver`; the
+checkpoint with the lowest whole-word validation loss seen at an evaluation also goes to
+`OUT/best/`.
+
+`--init DIR` continues an existing checkpoint in the reference layout (for example the
+shipped `tests/assets/perceiver-small`) instead of starting from the routing init: its
+config is used (`--context/--width/--layers/--heads/--widening` are ignored), the optimizer
+starts fresh, and the schedule is the same warm-up + cosine over `--minutes` (give it a
+lower `--lr` than a run from scratch). `--device auto` (the default) trains on a CUDA GPU
+when torch sees one, otherwise on the CPU; on the CPU the run is exactly what it was
+before the option existed (same random streams, same steps).
 
 Why the unusual initialisation ("routing init"): from the default random init a small
 Perceiver sits at the unigram loss for a long time, because the latent bottleneck has to
@@ -46,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from perceiver_cli import tokenizer
-from perceiver_cli.checkpoint import save_reference
+from perceiver_cli.checkpoint import load_model, save_reference
 from perceiver_cli.model import PerceiverConfig, PerceiverMaskedLM
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
@@ -193,6 +203,32 @@ def collate(examples):
     return ids, mask, pos, tgt
 
 
+def to_device(batch, device):
+    return tuple(t.to(device, non_blocking=True) for t in batch) if device.type != "cpu" else batch
+
+
+def initial_model(args) -> PerceiverMaskedLM:
+    """A fresh model with the routing init, or (--init) a trainable copy of a checkpoint."""
+    if args.init:
+        loaded = load_model(args.init)  # memory-mapped, frozen: copy into a fresh trainable model
+        model = PerceiverMaskedLM(loaded.cfg)
+        model.load_state_dict({k: v.detach().clone() for k, v in loaded.state_dict().items()})
+        return model.train().requires_grad_(True)
+    cfg = small_config(args)
+    cfg.validate()
+    model = PerceiverMaskedLM(cfg)
+    routing_init(model, args.sharpness, args.out_scale, args.pos_smooth)
+    return model
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    return torch.device(name)
+
+
 def loss_of(model, batch, reduction="mean"):
     ids, mask, pos, tgt = batch
     logits = model(ids, mask, pos)  # (B, M, V) at the masked positions only
@@ -238,6 +274,10 @@ def main() -> None:
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, metavar="DIR",
+                    help="continue this checkpoint (reference layout) instead of the routing init")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: CUDA when torch sees a GPU, else the CPU")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -246,10 +286,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cfg = small_config(args)
-    cfg.validate()
-    model = PerceiverMaskedLM(cfg)
-    routing_init(model, args.sharpness, args.out_scale, args.pos_smooth)
+    device = pick_device(args.device)
+    model = initial_model(args).to(device)
+    cfg = model.cfg
+    print(f"device: {device}" + (f", init: {args.init}" if args.init else ""), flush=True)
     print(f"config: {cfg.to_dict()}", flush=True)
     print(f"parameters: {model.num_parameters():,}", flush=True)
 
@@ -259,6 +299,8 @@ def main() -> None:
     vtexts = [valid.sample(vrng) for _ in range(256)]
     val_bytes = [collate([mask_example(t, vrng, 0.0, 0.0, 0.15) for t in vtexts[i : i + 64]]) for i in range(0, 256, 64)]
     val_words = [collate([mask_example(t, vrng, 0.15, 0.0, 0.0) for t in vtexts[i : i + 64]]) for i in range(0, 256, 64)]
+    val_bytes = [to_device(b, device) for b in val_bytes]
+    val_words = [to_device(b, device) for b in val_words]
 
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and n.startswith(("layers.", "encoder_cross.", "decoder_cross."))]
     no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
@@ -273,8 +315,14 @@ def main() -> None:
     writer = csv.writer(curve)
     writer.writerow(["step", "minutes", "lr", "train_loss", "val_bytes", "val_words"])
 
+    best = float("inf")
+
     def log_eval():
+        nonlocal best
         vb, vw = evaluate(model, val_bytes), evaluate(model, val_words)
+        if vw < best:
+            best = vw
+            save_reference(model, out / "best")
         writer.writerow([step, round(running / 60, 2), f"{lr:.2e}", round(ema or float("nan"), 4), round(vb, 4), round(vw, 4)])
         curve.flush()
         print(f"step {step} min {running / 60:.1f} lr {lr:.2e} train {ema or float('nan'):.3f} "
@@ -290,7 +338,7 @@ def main() -> None:
             g["lr"] = lr
         batch = collate([mask_example(corpus.sample(rng), rng, args.words, args.partial, args.single)
                          for _ in range(args.batch)])
-        loss = loss_of(model, batch)
+        loss = loss_of(model, to_device(batch, device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
