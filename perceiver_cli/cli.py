@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 import typer.core
 
-from . import __version__
+from . import __version__, runtime
 from .options import DEVICES, DTYPES, QUANTIZE, STRATEGIES, FillOptions, LoadOptions
 
 # click's exception classes, whichever click this Typer uses (its own copy or click itself)
@@ -219,10 +219,7 @@ def _load_filler(load: LoadOptions, fill_options: FillOptions | None = None):
         from .filler import MaskFiller
 
         filler = MaskFiller.from_pretrained(load, progress=_stderr_console().is_terminal)
-        if load.threads is not None:  # the process's thread count is the CLI's to set, not the library's
-            import torch
-
-            torch.set_num_threads(load.threads)
+        runtime.apply_threads(runtime.import_torch(), load.threads)  # the process's, not the library's to set
     if fill_options is not None:
         filler.check(fill_options)
     for note in filler.notes:
@@ -235,9 +232,13 @@ def _startup():
     """Importing torch and loading the model make ~165k objects that live as long as the
     process; Python's cyclic garbage collector would scan them again and again while they
     are made (~0.15-0.3 s of a cold run). So it is off meanwhile; afterwards they are frozen
-    (never scanned again) and it is back on for the fills."""
+    (never scanned again) and it is back on for the fills. torch is imported here, with
+    OpenMP's idle threads set to sleep rather than spin (runtime.py: a busy machine no
+    longer slows a fill tenfold) and without the warning torch prints when NumPy is absent."""
+    runtime.configure_threads()
     gc.disable()
     try:
+        runtime.import_torch()
         yield
     finally:
         gc.freeze()

@@ -17,11 +17,11 @@ and the server's client never imports torch at all.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .errors import InputError
+from .runtime import available_cpus
 
 DEFAULT_MODEL = "deepmind/language-perceiver"
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
@@ -31,6 +31,11 @@ QUANTIZE = ("none", "int8")
 STRATEGIES = ("iterative", "beam", "oneshot")
 MAX_BATCH_SIZE = 256  # windows per forward pass; a full-size pass of 256 texts needs ~1 GB
 MAX_TOP_K = 256  # candidates per span: one per byte value of a one-byte span
+MAX_CHOICES = 64  # --choice words per fill
+# How a --choice is scored (choices.py): sum = one pass, the span masked; pll = one pass per
+# byte, that byte masked; chain = left to right, one pass per byte, the bytes after it
+# masked. "-mean": divided by the choice's byte count (its absorbed space not counted).
+CHOICE_SCORES = ("chain", "chain-mean", "pll", "pll-mean", "sum", "sum-mean")
 
 
 class OptionError(InputError):
@@ -44,14 +49,6 @@ class OptionError(InputError):
     def flag(self) -> str:
         """The message with the command-line flag in place of the field name."""
         return f"--{self.name.replace('_', '-')} {self.rule}"
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on (its affinity mask), not the machine's core count."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _whole(name: str, value: Any, lo: int, hi: int | None = None, what: str = "") -> None:
@@ -120,7 +117,7 @@ class LoadOptions(_Options):
         object.__setattr__(self, "dtype", _choice("dtype", self.dtype or "auto", DTYPES, DTYPE_ALIASES))
         object.__setattr__(self, "quantize", _choice("quantize", self.quantize or "none", QUANTIZE))
         if self.threads is not None:
-            cpus = cpu_count()  # more only slows down; far more crashes OpenMP
+            cpus = available_cpus()  # more only slows down; far more crashes OpenMP
             _whole("threads", self.threads, 1, cpus, ", the CPUs this process may use")
         if not isinstance(self.offline, bool):
             raise OptionError("offline", f"must be true or false (got {self.offline!r})")
@@ -178,6 +175,8 @@ class FillOptions(_Options):
     length_alpha: float = 0.5  # auto length: a length L scores (sum of byte log-probs) / L ** alpha
     length_candidates: int | None = 3  # auto length: lengths scored per `[MASK]`; None: all; 0: the probe decides
     length_prior: float = 0.5  # auto length: weight of the probe's log-probability that the word ends at L
+    choices: tuple[str, ...] = ()  # fill every span with the best of these words (choices.py); () : free fill
+    choice_score: str = "chain"  # how a choice is scored, one of CHOICE_SCORES (chosen on validation)
 
     def __post_init__(self):
         object.__setattr__(self, "strategy", _choice("strategy", self.strategy, STRATEGIES))
@@ -199,4 +198,18 @@ class FillOptions(_Options):
                 raise OptionError(name, f"must be a number between 0 and 10 (got {value!r})")
         if self.length_candidates is not None:
             _whole("length_candidates", self.length_candidates, 0)
+        choices = self.choices
+        if isinstance(choices, str):  # one word, e.g. from a JSON request
+            choices = (choices,)
+        if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+            raise OptionError("choices", f"must be a list of words (got {choices!r})")
+        if len(choices) > MAX_CHOICES:
+            raise OptionError("choices", f"may hold at most {MAX_CHOICES} words (got {len(choices)})")
+        for k, c in enumerate(choices):
+            if not c:
+                raise OptionError("choices", "must not hold an empty word")
+            if c in choices[:k]:
+                raise OptionError("choices", f"holds {c!r} twice")
+        object.__setattr__(self, "choices", tuple(choices))  # hashable (the server groups by options)
+        object.__setattr__(self, "choice_score", _choice("choice_score", self.choice_score, CHOICE_SCORES))
 
