@@ -1,6 +1,6 @@
 """Whole-process speed and memory: the model card's script vs `perceiver fill`.
 
-    python scripts/bench_cli.py [--runs 5] [--weights DIR]
+    python scripts/bench_cli.py [--runs 5] [--weights DIR] [--baseline DIR]
 
 Side by side on the same full-size random weights in the reference layout, each as a
 fresh process with a warm page cache and a warm Hub cache: the weights sit in a Hugging Face
@@ -12,6 +12,10 @@ and, for context, `perceiver fill` with the defaults on `[MASK]` (iterative, aut
 more passes than the script's one). One warm-up run each (it also builds the int8
 cache), then `--runs` runs each, interleaved; the table gives median wall time and median
 peak resident memory (the child's ru_maxrss) and their ratios to the reference.
+
+`--baseline DIR` (a checkout of an earlier commit, e.g. `git worktree add /tmp/base
+<commit>`) adds the same `perceiver fill` rows run from that tree, interleaved with the
+others: a before/after comparison of cold start in one run.
 """
 
 from __future__ import annotations
@@ -93,13 +97,16 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "perceiver-bench-full")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine: the reference in fp32 there, "
                     "ours in bf16/fp16, and no int8 (CPU only); peak RSS does not count GPU memory")
+    ap.add_argument("--baseline", type=Path, default=None, help="an earlier checkout: its `perceiver fill` rows too")
     args = ap.parse_args()
     weights = full_size_weights(args.weights)
     home = Path(tempfile.mkdtemp(prefix="perceiver-bench-home-"))
     hub_cache(home, weights)
     # Bytecode for our modules, as `pip install` writes it: in an editable checkout under
     # PYTHONDONTWRITEBYTECODE=1 (this machine) every run would compile them again (~35 ms).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "perceiver_cli")], check=True)
+    for tree in (ROOT, args.baseline):
+        if tree is not None:
+            subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "perceiver_cli")], check=True)
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
     script = home / "model_card.py"
     script.write_text(MODEL_CARD)
@@ -117,12 +124,17 @@ def main() -> None:
     }
     if args.device != "cpu":
         del cases["perceiver fill --quantize int8"]
-    for cmd in cases.values():  # warm-up: page cache, int8 cache, .pyc files
-        run(cmd, env)
+    envs = {name: env for name in cases}
+    if args.baseline is not None:  # the same commands, the package imported from the baseline tree
+        for name in [n for n in cases if n.startswith("perceiver fill")]:
+            cases[f"baseline: {name}"] = cases[name]
+            envs[f"baseline: {name}"] = {**env, "PYTHONPATH": str(args.baseline.resolve())}
+    for name, cmd in cases.items():  # warm-up: page cache, int8 cache, .pyc files
+        run(cmd, envs[name])
     results = {name: [] for name in cases}
     for _ in range(args.runs):
         for name, cmd in cases.items():
-            results[name].append(run(cmd, env))
+            results[name].append(run(cmd, envs[name]))
     med = {name: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for name, r in results.items()}
     ref_wall, ref_mem = med["reference (model card script)"]
     print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
