@@ -312,6 +312,7 @@ def fill(
     mask_token: str = typer.Option(FillOptions.mask_token, "--mask-token", help="The marker literal."),
     as_json: bool = typer.Option(False, "--json", help="Write JSON (JSON Lines with --batch)."),
     explain: bool = typer.Option(FillOptions.explain, "--explain", help="Show each masked byte's top candidates."),
+    choice: Optional[list[str]] = typer.Option(None, "--choice", metavar="WORD", help="Fill every [MASK] with the best of these words (repeat --choice; any lengths). -k N shows the N best, --json lists them all with their scores."),
     device: str = DeviceOpt,
     quantize: str = QuantizeOpt,
     dtype: str = DtypeOpt,
@@ -332,6 +333,7 @@ def fill(
     Examples:
       perceiver fill "This is an incomplete sentence where some words are [MASK]."
       perceiver fill -k 5 "The capital of France is [MASK:6]."
+      perceiver fill --choice cat --choice horse "The [MASK] sat on the mat." --json
       perceiver fill --explain "some words are [MASK:9]"
       perceiver fill --json "some words are [MASK:9]" | jq -r .text
       cat draft.txt | perceiver fill > filled.txt
@@ -343,7 +345,8 @@ def fill(
     """
     with _failures():
         _check_modes(text=text, batch=batch, output=output, resume=resume, explain=explain, top_k=top_k, as_json=as_json)
-        options = FillOptions(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token, explain=explain)
+        options = FillOptions(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token, explain=explain,
+                              choices=tuple(choice or ()))
         load = LoadOptions(model=model, revision=revision, device=device, dtype=dtype, quantize=quantize, threads=threads,
                            offline=offline, batch_size=batch_size)
         if batch is not None:

@@ -60,6 +60,7 @@ def result_to_wire(result: FillResult) -> dict:
                 "byte_logprobs": list(s.byte_logprobs),
                 "alternatives": [[[b, lp] for b, lp in alts] for alts in s.alternatives],
                 "candidates": [[_b64(c.data), c.logprob] for c in s.candidates],
+                "from_choices": s.from_choices,
             }
             for s in result.spans
         ],
@@ -77,6 +78,7 @@ def result_from_wire(d: dict) -> FillResult:
             byte_logprobs=[float(x) for x in s["byte_logprobs"]],
             alternatives=[[(int(b), float(lp)) for b, lp in alts] for alts in s["alternatives"]],
             candidates=[Candidate(_unb64(data), float(lp)) for data, lp in s["candidates"]],
+            from_choices=bool(s.get("from_choices", False)),
         )
         for s in d["spans"]
     ]

@@ -15,6 +15,9 @@ How a text becomes model passes:
 4. A strategy (`strategies.py`) fills every window's spans with forward passes that
    `_Runner` batches. `oneshot`: every masked byte is the argmax over the 256 byte ids
    of one pass, which reproduces the reference exactly.
+
+With `choices` (`--choice WORD`), steps 2-4 are replaced: every span is filled with the
+best of the given words, scored by `choices.py` (the strategy and top_k do not apply).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import fields
 
 import torch
 
-from . import masks, strategies, tokenizer
+from . import choices, masks, strategies, tokenizer
 from .errors import InputError, PerceiverError
 from .lengths import LengthRequest, choose_lengths
 from .model import PerceiverMaskedLM
@@ -194,12 +197,22 @@ class MaskFiller:
         templates: dict[int, masks.Template] = {}
         for i, text in enumerate(texts):
             try:
-                templates[i] = self._check(masks.parse(text, options.mask_token))
+                template = self._check(masks.parse(text, options.mask_token))
+                if options.choices:
+                    self._check_choices(template, options)
+                templates[i] = template
             except InputError as e:
                 if not return_errors:
                     raise
                 results[i] = e
         order = list(templates)
+        if options.choices:
+            fills = choices.fill_choices(self.runner, [templates[i] for i in order], self.window, options)
+            for i, span_fills in zip(order, fills):
+                t = templates[i]
+                spans_i = [_span_result(span, f, from_choices=True) for span, f in zip(t.spans, span_fills)]
+                results[i] = FillResult(t.render([s.data for s in spans_i]), spans_i, t.pieces)
+            return results
         requests = [
             LengthRequest(
                 lengths=[s.length for s in templates[i].spans],
@@ -225,6 +238,10 @@ class MaskFiller:
         """`options`, checked against this model (what FillOptions cannot know alone)."""
         if options.max_span > self.window:
             raise OptionError("max_span", f"must be between 1 and {self.window} bytes, this model's window (got {options.max_span})")
+        for word in options.choices:
+            n = len(masks.to_bytes(word))
+            if n > self.window:
+                raise OptionError("choices", f"{word[:20]!r}... is {n} bytes, longer than this model's {self.window}-byte window")
         return options
 
     def logprobs(self, jobs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
@@ -243,11 +260,28 @@ class MaskFiller:
                 )
         return template
 
+    def _check_choices(self, template: masks.Template, options: FillOptions) -> None:
+        """With choices a span's length is the choice's: a `[MASK:N]` is refused, and a
+        choice must fit the window with the span's absorbed space."""
+        for span in template.spans:
+            if span.length is not None:
+                raise InputError(
+                    f"the marker at character {span.start} gives a length (:{span.length}); with --choice the "
+                    f"choice gives the length: write {options.mask_token}"
+                )
+            for word in options.choices:
+                n = len(masks.to_bytes(word)) + span.space
+                if n > self.window:
+                    raise InputError(
+                        f"the choice {word[:20]!r} is {n} bytes with the space its span at character {span.start} "
+                        f"takes in, longer than the model's {self.window}-byte window"
+                    )
+
     def _layout(self, template: masks.Template, lengths: list[int]) -> Layout:
         return Layout(template, lengths, self.window)
 
 
-def _span_result(span: masks.Span, fill: strategies.SpanFill) -> SpanResult:
+def _span_result(span: masks.Span, fill: strategies.SpanFill, from_choices: bool = False) -> SpanResult:
     scores = tokenizer.byte_logp(fill.logp)  # (n, 256)
     top = scores.topk(min(EXPLAIN_TOP, scores.shape[-1]), dim=-1)
     return SpanResult(
@@ -258,6 +292,7 @@ def _span_result(span: masks.Span, fill: strategies.SpanFill) -> SpanResult:
         byte_logprobs=fill.byte_logprobs,
         alternatives=[list(zip(ix.tolist(), lp.tolist())) for lp, ix in zip(top.values, top.indices)],
         candidates=[Candidate(data, score) for data, score in fill.candidates],
+        from_choices=from_choices,
     )
 
 

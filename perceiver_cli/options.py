@@ -48,7 +48,8 @@ class OptionError(InputError):
 
     def flag(self) -> str:
         """The message with the command-line flag in place of the field name."""
-        return f"--{self.name.replace('_', '-')} {self.rule}"
+        name = {"choices": "choice"}.get(self.name, self.name)  # `choices` is given as --choice WORD ...
+        return f"--{name.replace('_', '-')} {self.rule}"
 
 
 def _whole(name: str, value: Any, lo: int, hi: int | None = None, what: str = "") -> None:

@@ -3,7 +3,7 @@
     {"text": "<filled text>",
      "spans": [{"start": <char offset of the marker in the input>, "length": <bytes>,
                 "fill": "<decoded text>", "bytes": [<ints 0-255>], "logprob": <float>,
-                "candidates": [{"fill": ..., "bytes": [...], "logprob": ...}, ...],   # top_k > 1
+                "candidates": [{"fill": ..., "bytes": [...], "logprob": ...}, ...],   # top_k > 1, choices
                 "alternatives": [[{"byte": b, "logprob": lp}, ...] per masked byte]}]} # explain
 
 Batch mode adds `"line": n` to each object; a line that fails is `{"line": n, "error":
@@ -11,6 +11,11 @@ Batch mode adds `"line": n` to each object; a line that fails is `{"line": n, "e
 `error_record`, `blank_record`). `logprob` is the sum over the span's bytes of log_softmax
 over the full 262-id vocabulary, taken at the chosen byte; JSON floats are rounded to 6
 decimals. A fill is bytes; `fill` decodes them with errors="replace".
+
+With choices (`--choice`), `candidates` is always there and holds every choice, best
+first; a candidate's `logprob` is its score under `choice_score` (choices.py: with the
+default, `chain`, the sum of its bytes' left-to-right log-probabilities), and the span's
+`logprob` is the sum of its `byte_logprobs` under that rule's passes.
 
 This module imports no torch: results travel to places (a server's client) that never load
 the model.
@@ -47,6 +52,7 @@ class SpanResult:
     byte_logprobs: list[float]  # log-probability of each chosen byte
     alternatives: list[list[tuple[int, float]]]  # per byte: the top bytes and their log-probabilities
     candidates: list[Candidate] = field(default_factory=list)  # best first; [0] is the fill itself
+    from_choices: bool = False  # the fill is the best of the caller's choices: candidates are all of them
 
     @property
     def fill(self) -> str:
@@ -56,7 +62,9 @@ class SpanResult:
         """The span's JSON object: `candidates` when top_k > 1, `alternatives` with explain."""
         d: dict = {"start": self.start, "length": self.length, "fill": self.fill, "bytes": list(self.data),
                    "logprob": round(self.logprob, ROUND)}
-        if top_k > 1:
+        if self.from_choices:
+            d["candidates"] = [c.to_dict() for c in self.candidates]
+        elif top_k > 1:
             d["candidates"] = [c.to_dict() for c in self.candidates[:top_k]]
         if explain:
             d["alternatives"] = [[{"byte": b, "logprob": round(lp, ROUND)} for b, lp in alts] for alts in self.alternatives]

@@ -1,0 +1,161 @@
+"""Choices: fill every span with the best of the words the caller gives (`--choice WORD`).
+
+A byte-level model can score a candidate of any length, so choices may differ in length
+from each other and from anything a marker says. Each span is scored with each choice
+written in its place; the span's absorbed leading space (a marker right after a space
+takes that space, as for `[MASK:N]`) is put before the choice: with `words are [MASK]`
+and the choice `missing`, the span's bytes are ` missing`.
+
+How a choice of n bytes (absorbed space included) is scored, `FillOptions.choice_score`:
+
+- `sum`: ONE pass with the span masked (n bytes); the sum of the log-probabilities of the
+  choice's bytes at their positions (each byte predicted without the others);
+- `pll`: pseudo-log-likelihood, n passes: the choice written in, one byte masked at a
+  time; the sum of each masked byte's log-probability;
+- `chain`: left to right, n passes: pass k has the choice's first k bytes written in and
+  the rest masked; the sum of the log-probability of byte k in pass k. This is a proper
+  joint log-probability of the choice's bytes (the chain rule, left to right), so choices
+  of different lengths compare on one scale;
+- `-mean` variants divide the sum by the choice's byte count, its absorbed space not
+  counted (length normalisation).
+
+Log-probabilities are log_softmax over the full vocabulary, as everywhere else. Which rule
+is the default was chosen on the validation split (scripts/eval_choices.py, QUALITY.md).
+
+Other spans of the text: a text with several spans is scored in rounds. In the first,
+the other spans stay masked, each at the length of the median choice (its absorbed space
+added); in each later round, each span is scored again with the other spans holding their
+choices of the round before. Rounds go on while a span of the text changes its choice, at
+most `MAX_ROUNDS`: once settled, every span's ranking is its ranking with the other spans
+holding their final choices. All passes of a round are batched through one `run` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masks import Span, Template
+from .options import FillOptions
+from .strategies import Job, Run, SpanFill
+from .tokenizer import MASK, byte_id, byte_ids
+from .windows import Layout
+
+METHODS = ("sum", "pll", "chain")
+MAX_ROUNDS = 4  # scoring rounds of a text with several spans (module docstring)
+
+
+@dataclass
+class Item:
+    """One choice in one span: the window (`job`, the span masked at the choice's length)
+    and where the span starts in it."""
+
+    job: Job
+    start: int  # position of the span's first byte in job.ids
+    data: bytes  # the choice's bytes, absorbed space included
+    lead: int  # 1 when the span absorbed a leading space (its first byte), else 0
+
+
+def item_of(job: Job, target: int, data: bytes, lead: int) -> Item:
+    start, n = job.spans[job.targets.index(target)]
+    assert n == len(data)
+    return Item(job, start, data, lead)
+
+
+def _inputs(item: Item, method: str) -> list[tuple[list[int], list[int]]]:
+    p, data = item.start, item.data
+    n = len(data)
+    if method == "sum":  # the job's ids have the span masked already
+        return [(item.job.ids, list(range(p, p + n)))]
+    out = []
+    for k in range(n):
+        ids = list(item.job.ids)
+        if method == "pll":
+            ids[p : p + n] = byte_ids(data)
+            ids[p + k] = MASK
+        else:  # chain
+            ids[p : p + k] = byte_ids(data[:k])
+            ids[p + k : p + n] = [MASK] * (n - k)
+        out.append((ids, [p + k]))
+    return out
+
+
+def byte_scores(run: Run, items: list[Item], method: str) -> list[tuple[list[float], torch.Tensor]]:
+    """For each item: the log-probability of each of its bytes under `method`, and the
+    (n, V) log-probability rows they were read from. One batched `run` for all items."""
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}")
+    inputs = [_inputs(item, method) for item in items]
+    logps = run([x for xs in inputs for x in xs])
+    out, at = [], 0
+    for item, xs in zip(items, inputs):
+        rows = torch.cat(logps[at : at + len(xs)])  # (n, V) in every method
+        at += len(xs)
+        values = [float(rows[k, byte_id(b)]) for k, b in enumerate(item.data)]
+        out.append((values, rows))
+    return out
+
+
+def score(byte_logprobs: list[float], lead: int, rule: str) -> float:
+    """The rule's score of a choice from its bytes' log-probabilities."""
+    total = float(sum(byte_logprobs))
+    if rule.endswith("-mean"):
+        return total / max(1, len(byte_logprobs) - lead)
+    return total
+
+
+def fill_choices(run: Run, templates: list[Template], window: int, options: FillOptions) -> list[list[SpanFill]]:
+    """Every span of every template filled with its best choice; `candidates` holds all the
+    choices, best first, each with its score under `options.choice_score`."""
+    words = [c.encode("utf-8", "surrogateescape") for c in options.choices]
+    rule = options.choice_score
+    method = rule.removesuffix("-mean")
+    typical = sorted(len(w) for w in words)[len(words) // 2]
+    fills: list[list[SpanFill | None]] = [[None] * len(t.spans) for t in templates]
+    chosen: dict[tuple[int, int], bytes] = {}
+    again = set(range(len(templates)))  # texts to score (again) in this round
+    for round_ in range(MAX_ROUNDS):
+        keys: list[tuple[int, int]] = []
+        items: list[Item] = []
+        for i, t in enumerate(templates):
+            if i not in again:
+                continue
+            if round_ == 0:
+                layout = Layout(t, [typical + span.space for span in t.spans], window)
+            for s, span in enumerate(t.spans):
+                lead = b" " if span.space else b""
+                if round_ > 0:
+                    layout = Layout(_with_others(t, s, chosen, i), [typical + span.space], window)
+                target = s if round_ == 0 else 0
+                for w in words:
+                    data = lead + w
+                    keys.append((i, s))
+                    items.append(item_of(layout.job_of(target, len(data)), target, data, len(lead)))
+        if not items:
+            break
+        ranked: dict[tuple[int, int], list] = {}
+        for key, item, (values, rows) in zip(keys, items, byte_scores(run, items, method)):
+            ranked.setdefault(key, []).append((score(values, item.lead, rule), item.data, values, rows))
+        again = set()
+        for (i, s), entries in ranked.items():
+            entries.sort(key=lambda e: -e[0])  # stable: equal scores keep the given order
+            best_score, data, values, rows = entries[0]
+            if len(templates[i].spans) > 1 and (round_ == 0 or chosen[i, s] != data):
+                again.add(i)  # the others' context changed: score this text's spans again
+            chosen[i, s] = data
+            fills[i][s] = SpanFill(data=data, byte_logprobs=values, logp=rows,
+                                   candidates=[(d, sc) for sc, d, _, _ in entries])
+    return fills  # type: ignore[return-value]
+
+
+def _with_others(t: Template, s: int, chosen: dict[tuple[int, int], bytes], i: int) -> Template:
+    """The text with span `s` the only span, every other span holding its chosen bytes."""
+    before = [t.pieces[0]]
+    for k in range(s):
+        before += [chosen[i, k], t.pieces[k + 1]]
+    after = [t.pieces[s + 1]]
+    for k in range(s + 1, len(t.spans)):
+        after += [chosen[i, k], t.pieces[k + 1]]
+    span: Span = t.spans[s]
+    return Template((b"".join(before), b"".join(after)), (span,))
