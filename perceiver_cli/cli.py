@@ -504,6 +504,68 @@ def info(
         _print_fields(_model_fields(found) + [("parameters", f"{parameters:,}"), ("device", str(where)), ("dtype", dtype)])
 
 
+@app.command("ray-fill")
+def ray_fill(
+    inputs: list[str] = typer.Argument(..., metavar="INPUT", help="Text files, directories (their files, recursively) or glob patterns; each line one example, as fill --batch."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the results: one JSON Lines file per input file."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="A running Ray cluster (HOST:6379, or auto; `ray job submit` sets RAY_ADDRESS) [default: start a local Ray for this run]."),
+    actors: int = typer.Option(1, "--actors", help="Model copies running at once (Ray actors), each loading the model once."),
+    gpus_per_actor: float = typer.Option(0, "--gpus-per-actor", help="GPUs per actor (0.5: two actors share one)."),
+    cpus_per_actor: Optional[float] = typer.Option(None, "--cpus-per-actor", help="CPUs per actor, its torch threads [default: 1; on a local Ray without GPUs, its CPUs / --actors]."),
+    batch_size: int = typer.Option(LoadOptions.batch_size, "--batch-size", help="Texts per forward pass (1-256); each actor call fills 4x as many lines."),
+    model: str = ModelOpt,
+    revision: Optional[str] = RevisionOpt,
+    strategy: str = typer.Option(FillOptions.strategy, "--strategy", help="iterative, beam, or oneshot (as fill).", autocompletion=_completer(STRATEGIES)),
+    top_k: int = typer.Option(FillOptions.top_k, "--top-k", "-k", help="Candidates per span ('candidates' in each record)."),
+    max_span: int = typer.Option(FillOptions.max_span, "--max-span", help="Longest span [MASK] may choose, in bytes."),
+    mask_token: str = typer.Option(FillOptions.mask_token, "--mask-token", help="The marker literal."),
+    explain: bool = typer.Option(FillOptions.explain, "--explain", help="Each span's per-byte alternatives ('alternatives' in each record)."),
+    device: str = DeviceOpt,
+    quantize: str = QuantizeOpt,
+    dtype: str = DtypeOpt,
+    offline: bool = OfflineOpt,
+):
+    """Fill every line of many files on Ray (a local one, or a cluster with GPUs).
+
+    Each record is the object `fill --batch --json` writes for that line, plus "file": the
+    input's path as given. Output: DIR/NNNNN-NAME.jsonl per input file, in input order.
+    Needs the ray extra: pip install 'perceiver-cli[ray]'.
+
+    \b
+    Examples:
+      perceiver ray-fill corpus/ -o filled/
+      perceiver ray-fill 'logs/**/*.txt' -o filled/ --actors 2 --quantize int8
+      perceiver ray-fill corpus/ -o filled/ --address HEAD:6379 --actors 8 --gpus-per-actor 1
+
+    Exit status: 0 every line filled, 1 a line failed (or the run failed), 2 bad usage,
+    an unreadable input or no Ray installed (before Ray starts), 130 interrupted.
+    """
+    with _failures():
+        from .errors import InputError
+
+        options = FillOptions(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token, explain=explain)
+        load = LoadOptions(model=model, revision=revision, device=device, dtype=dtype, quantize=quantize,
+                           offline=offline, batch_size=batch_size)
+        if load.quantize != "none" and gpus_per_actor:
+            raise InputError("--quantize int8 runs on the CPU only: leave --gpus-per-actor at 0")
+        from . import ray_fill as rf
+
+        settings = rf.Settings(address=address, actors=actors, gpus_per_actor=gpus_per_actor,
+                               cpus_per_actor=cpus_per_actor, quiet_ray=not _debug())
+        rf.require_ray()
+        found = rf.expand_inputs(inputs, output)
+        rf.prepare_output(output)
+        stderr = _stderr_console()
+        counts = rf.run(found, output, load, options, settings, stderr=stderr)
+        if counts.failed or stderr.is_terminal:
+            from rich.text import Text
+
+            summary = counts.summary() + (f" ({counts.files} files in {output})" if stderr.is_terminal else "")
+            stderr.print(Text(summary, style="bold red" if counts.failed else "green"), soft_wrap=True)
+        if counts.failed:
+            raise typer.Exit(1)
+
+
 def _model_fields(found) -> list[tuple[str, str]]:
     """What `download` and `info` say about a resolved model, as (key, value) pairs."""
     weights = found.weights.name + (" (converted from pytorch_model.bin)" if found.converted else "")

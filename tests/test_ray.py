@@ -1,0 +1,317 @@
+"""`perceiver ray-fill` and the Ray Data pieces (perceiver_cli/ray_fill.py), on a real local
+Ray: one cluster for the whole module (`ray.init(num_cpus=2)`, at most 2 actors), the tiny
+random checkpoint, a few dozen lines. The command runs as a real process that joins that
+cluster with --address; the actor-restart case runs the same driver code in this process
+with an actor class that kills its own process once."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")  # the test extra installs it (pip install '.[test]')
+
+from typer.testing import CliRunner  # noqa: E402
+
+from perceiver_cli import ray_fill as rf  # noqa: E402
+from perceiver_cli.cli import app  # noqa: E402
+from perceiver_cli.filler import MaskFiller  # noqa: E402
+from perceiver_cli.options import FillOptions, LoadOptions  # noqa: E402
+
+from .conftest import perceiver, process_env, read_pty  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BATCH = "3"  # texts per pass: chunks of 12 lines, so the longer files span several blocks
+LOGPROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One local Ray for the module; its address for `ray-fill --address`. Its processes
+    inherit an environment without network (the Hub on a closed port) and their own cache."""
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path_factory.mktemp("ray_hf_home"))}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def corpus(root: Path) -> dict[str, Path]:
+    """Input files with blank lines, failing lines, multi-byte UTF-8, invalid UTF-8, CRLF and
+    a last line without a newline, in three shapes of input (a file, a directory, a glob)."""
+    many = [f"line {i} of the corpus: the [MASK:{1 + i % 4}] went {'far ' * (i % 5)}away." for i in range(1, 26)]
+    many[4] = ""
+    many[9] = "   "
+    many[13] = "no marker on this line"
+    many[17] = "a bad marker [MASK:0] here"
+    many[20] = "[MASK:90] longer than the tiny model's window"
+    files = {
+        "a": write(root / "a.txt", ("\n".join(many) + "\n").encode()),
+        "b": write(root / "dir" / "b.txt",
+                   "café naïve [MASK:3] €\r\n日本語の[MASK:4]です\n\n🙂 emoji [MASK] end\nlast [MASK:2]".encode()),
+        "c": write(root / "dir" / "sub" / "c.txt", b"bytes \xff\xfe not utf-8 [MASK:2] ok\n"),
+        "empty": write(root / "dir" / "sub" / "empty.txt", b""),
+        "hidden": write(root / "dir" / ".hidden.txt", b"never read [MASK:2]\n"),
+        "d": write(root / "globbed" / "d.txt", "d [MASK:2] ü\n".encode()),
+    }
+    return files
+
+
+def batch_records(checkpoint: Path, path: Path, *args: str) -> list[dict]:
+    """What `perceiver fill --batch PATH --json` writes for each line (the reference)."""
+    result = CliRunner().invoke(app, ["fill", "-m", str(checkpoint), "--batch", str(path), "--json",
+                                      "--batch-size", BATCH, *args])
+    assert result.exit_code in (0, 1), result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def read_output(directory: Path) -> dict[str, list[dict]]:
+    """Each output file's records, by file name (hidden partial files must not remain)."""
+    names = sorted(os.listdir(directory))
+    assert not [n for n in names if n.startswith(".")], names
+    return {name: [json.loads(line) for line in (directory / name).read_text("utf-8").splitlines()] for name in names}
+
+
+def assert_same_record(got: dict, want: dict) -> None:
+    """Equal to the batch record: the same keys, text, fills and bytes; log-probabilities
+    within LOGPROB_TOLERANCE."""
+    got = dict(got)
+    got.pop("file")
+    assert got.keys() == want.keys()
+    assert {k: v for k, v in got.items() if k != "spans"} == {k: v for k, v in want.items() if k != "spans"}
+    assert len(got.get("spans", [])) == len(want.get("spans", []))
+    for g, w in zip(got.get("spans", []), want.get("spans", [])):
+        assert {k: v for k, v in g.items() if k != "logprob"} == {k: v for k, v in w.items() if k != "logprob"}
+        assert abs(g["logprob"] - w["logprob"]) <= LOGPROB_TOLERANCE
+
+
+def check_against_batch(checkpoint: Path, outputs: dict[str, list[dict]], given: list[tuple[str, Path]], *args: str):
+    """Every (file, line) exactly once, each record equal to `fill --batch --json` on its
+    file; `given` is [(the path as ray-fill names it, the file)] in input order."""
+    names = sorted(outputs)
+    assert len(names) == len(given)
+    seen = [(r["file"], r["line"]) for name in names for r in outputs[name]]
+    assert len(seen) == len(set(seen))
+    for name, (as_given, path) in zip(names, given):
+        assert name.endswith(f"-{path.name}.jsonl")
+        want = batch_records(checkpoint, path, *args)
+        got = outputs[name]
+        assert [r["file"] for r in got] == [as_given] * len(want)
+        assert [r["line"] for r in got] == list(range(1, len(want) + 1))
+        for g, w in zip(got, want):
+            assert_same_record(g, w)
+
+
+# -- the command, as a real process on the shared cluster ----------------------------------------
+
+
+def test_ray_fill_every_line_once_equal_to_batch(cluster, tiny_checkpoint, tmp_path):
+    files = corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        perceiver("ray-fill", "in/a.txt", "in/dir", "in/glob*/*.txt", "in/a.txt", "-o", "out", "--address", cluster,
+                  "--actors", "2", "-m", str(tiny_checkpoint), "--batch-size", BATCH),
+        capture_output=True, env=process_env(tmp_path), timeout=300, cwd=tmp_path)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1, stderr  # lines failed
+    # the summary of fill --batch, and nothing else (Ray's own messages stay off stderr)
+    assert stderr == "26 filled, 3 failed, 3 blank passed through\n"
+    assert proc.stdout == b""
+    outputs = read_output(out)
+    given = [("in/a.txt", files["a"]), ("in/dir/b.txt", files["b"]), ("in/dir/sub/c.txt", files["c"]),
+             ("in/dir/sub/empty.txt", files["empty"]), ("in/globbed/d.txt", files["d"])]
+    assert sorted(outputs) == ["00001-a.txt.jsonl", "00002-b.txt.jsonl", "00003-c.txt.jsonl", "00004-empty.txt.jsonl",
+                               "00005-d.txt.jsonl"]
+    check_against_batch(tiny_checkpoint, outputs, given)
+    records = [r for name in sorted(outputs) for r in outputs[name]]
+    assert list(records[0])[:2] == ["file", "line"]
+    assert [r["line"] for r in records if "error" in r] == [14, 18, 21]
+    assert "日本語の" in outputs["00002-b.txt.jsonl"][1]["text"]
+    assert outputs["00004-empty.txt.jsonl"] == []
+
+
+def test_ray_fill_exit_0_and_progress_on_a_terminal(cluster, tiny_checkpoint, tmp_path):
+    source = write(tmp_path / "ok.txt", "".join(f"ok {i} [MASK:2] fine\n" for i in range(30)).encode() + b"\n")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        perceiver("ray-fill", str(source), "-o", str(tmp_path / "out"), "--address", cluster, "--actors", "2",
+                  "-m", str(tiny_checkpoint), "--strategy", "oneshot", "-k", "2", "--batch-size", BATCH),
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=process_env(tmp_path, COLUMNS="100"))
+    os.close(slave)
+    shown = read_pty(master).decode(errors="replace")
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, shown
+    assert "lines/s" in shown  # the progress bar
+    assert "30 filled, 0 failed, 1 blank passed through (1 files in" in shown
+    outputs = read_output(tmp_path / "out")
+    check_against_batch(tiny_checkpoint, outputs, [(str(source), source)], "--strategy", "oneshot", "-k", "2")
+    assert len(outputs["00001-ok.txt.jsonl"][0]["spans"][0]["candidates"]) == 2
+
+
+def test_a_model_that_does_not_fit_is_one_line(cluster, tiny_checkpoint, tmp_path):
+    """--max-span longer than the model's window: found by the actors, exit 2 as for fill;
+    a model that is not there: exit 1. No output file is left behind."""
+    source = write(tmp_path / "in.txt", b"a [MASK] b\n")
+    common = ("--address", cluster, "-o", str(tmp_path / "out"))
+    runs = [subprocess.Popen(perceiver("ray-fill", str(source), *common, *args), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=process_env(tmp_path))
+            for args in (("-m", str(tiny_checkpoint), "--max-span", "100"), ("-m", str(tmp_path / "missing")))]
+    (out1, err1), (out2, err2) = (p.communicate(timeout=300) for p in runs)
+    assert (runs[0].returncode, out1) == (2, b"")
+    assert err1.decode() == "error: --max-span must be between 1 and 62 bytes, this model's window (got 100)\n"
+    assert runs[1].returncode == 1
+    assert err2.decode().startswith("error: local model directory") and err2.count(b"\n") == 1
+    assert os.listdir(tmp_path / "out") == []
+
+
+# -- before Ray: usage, inputs, no ray ----------------------------------------------------------
+
+
+def test_bad_usage_and_unreadable_inputs_exit_2_before_ray(tmp_path):
+    """Each case fails with one line and exit 2 without contacting Ray (the --address is a
+    closed port: reaching it would be a different error, after a wait)."""
+    write(tmp_path / "ok.txt", b"a [MASK:2] b\n")
+    (tmp_path / "emptydir").mkdir()
+    write(tmp_path / "file_not_dir", b"")
+    unreadable = write(tmp_path / "secret.txt", b"x [MASK:2]\n")
+    unreadable.chmod(0)
+    cases = {
+        ("missing.txt",): "cannot read missing.txt",
+        ("emptydir",): "emptydir is a directory without files to read",
+        ("nomatch/*.txt",): "no file matches nomatch/*.txt",
+        ("ok.txt", "--actors", "0"): "--actors must be a whole number, at least 1 (got 0)",
+        ("ok.txt", "--gpus-per-actor", "-1"): "--gpus-per-actor must be a number, at least 0",
+        ("ok.txt", "--strategy", "bogus"): "--strategy must be one of",
+        ("ok.txt", "--batch-size", "0"): "--batch-size must be between 1 and 256",
+        ("ok.txt", "--quantize", "int8", "--gpus-per-actor", "1"): "int8 runs on the CPU only",
+        ("ok.txt", "-o", "file_not_dir"): "--output file_not_dir is not a directory",
+        ("ok.txt", "--bogus"): "No such option: --bogus",
+    }
+    if os.geteuid() != 0:  # root reads any file
+        cases[("ok.txt", "secret.txt")] = "cannot read secret.txt: Permission denied"
+    procs = {}
+    for args, _ in cases.items():
+        out = [] if "-o" in args else ["-o", "out"]
+        procs[args] = subprocess.Popen(perceiver("ray-fill", *args, *out, "--address", "127.0.0.1:9"), cwd=tmp_path,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=process_env(tmp_path))
+    for args, words in cases.items():
+        stdout, stderr = procs[args].communicate(timeout=60)
+        lines = stderr.decode().splitlines()
+        assert procs[args].returncode == 2, (args, stderr)
+        assert stdout == b"" and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, lines)
+    assert not (tmp_path / "out").exists()  # nothing made before the inputs were checked
+
+
+def test_without_ray_one_line_how_to_install(tmp_path):
+    """`perceiver --help` and `ray-fill --help` never import ray; `ray-fill` without it says
+    how to install the extra (exit 2). A `ray` that fails to import stands for none."""
+    fake = write(tmp_path / "fake" / "ray" / "__init__.py", b"raise ImportError('No module named ray (test)')\n")
+    env = process_env(tmp_path, PYTHONPATH=str(fake.parent.parent))
+    write(tmp_path / "ok.txt", b"a [MASK:2] b\n")
+    for args in (["--help"], ["ray-fill", "--help"]):
+        proc = subprocess.run(perceiver(*args), capture_output=True, env=env, timeout=60)
+        assert proc.returncode == 0 and b"ray-fill" in proc.stdout, proc.stderr
+    proc = subprocess.run(perceiver("ray-fill", "ok.txt", "-o", "out"), capture_output=True, env=env, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.decode().startswith("error: perceiver ray-fill needs Ray Data: pip install 'perceiver-cli[ray]'")
+    assert proc.stderr.count(b"\n") == 1
+
+
+def test_only_ray_fill_imports_ray():
+    import re
+
+    package = Path(rf.__file__).parent
+    for path in package.glob("*.py"):
+        if path.name != "ray_fill.py":
+            assert not re.search(r"^\s*(import ray\b|from ray\b)", path.read_text(), re.M), path
+
+
+# -- fault tolerance: an actor that dies ----------------------------------------------------------
+
+
+def crash_once_class(flag: Path):
+    """A RecordFill whose process exits (as if killed) the first time a batch holds the
+    marker line; the flag file says it happened. Defined in a function so that Ray ships
+    the class by value to its workers."""
+
+    class CrashOnce(rf.RecordFill):
+        def __call__(self, batch):
+            if any(d is not None and b"CRASH-ONCE" in d for d in batch.column("data").to_pylist()):
+                try:
+                    os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    pass
+                else:
+                    os._exit(1)
+            return super().__call__(batch)
+
+    return CrashOnce
+
+
+def test_an_actor_that_dies_is_restarted_and_its_batch_redone(cluster, tiny_checkpoint, tmp_path):
+    lines = [f"restart {i}: the [MASK:{1 + i % 3}] is here" for i in range(40)]
+    lines[17] = "CRASH-ONCE the [MASK:3] is here"
+    a = write(tmp_path / "a.txt", ("\n".join(lines) + "\n").encode())
+    b = write(tmp_path / "b.txt", "".join(f"second file {i} [MASK:2]\n" for i in range(13)).encode())
+    flag = tmp_path / "crashed"
+    inputs = rf.expand_inputs([str(a), str(b)])
+    out = tmp_path / "out"
+    out.mkdir()
+    counts = rf.run(inputs, out, LoadOptions(model=str(tiny_checkpoint), batch_size=int(BATCH)), FillOptions(),
+                    rf.Settings(actors=2), worker=crash_once_class(flag))
+    assert flag.exists()  # the actor did die, in the middle of the run
+    assert (counts.filled, counts.failed, counts.blank, counts.files) == (53, 0, 0, 2)
+    check_against_batch(tiny_checkpoint, read_output(out), [(str(a), a), (str(b), b)])
+
+
+# -- the Python side for Ray users --------------------------------------------------------------
+
+
+def test_fill_dataset_and_the_callable_class(cluster, tiny_checkpoint):
+    texts = ["The capital of France is [MASK:6].", "", "no marker", "naïve café [MASK:3] 日本", "x [MASK] y"] * 3
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)])
+    load = LoadOptions(model=str(tiny_checkpoint), batch_size=2)
+    with pytest.warns(UserWarning, match="take all 2 CPUs"):  # a read stage would starve: told, not hung
+        rf.fill_dataset(ds, load, actors=2)
+    filled = rf.fill_dataset(ds, load, FillOptions(strategy="oneshot"), actors=1, rows_per_call=4)
+    rows = sorted(filled.take_all(), key=lambda r: r["id"])
+    assert [r["text"] for r in rows] == texts
+    filler = MaskFiller.from_pretrained(load)
+    for row, text in zip(rows, texts):
+        if not text.strip():
+            assert (row["filled"], row["spans"], row["error"]) == (text, "[]", None)
+            continue
+        want = filler.fill_many([text], FillOptions(strategy="oneshot"), return_errors=True)[0]
+        if isinstance(want, Exception):
+            assert (row["filled"], row["spans"], row["error"]) == (None, None, str(want))
+            continue
+        assert row["error"] is None and row["filled"] == want.text
+        spans = json.loads(row["spans"])
+        assert [s["fill"] for s in spans] == [s.fill for s in want.spans]
+        assert all(abs(s["logprob"] - w.logprob) <= LOGPROB_TOLERANCE for s, w in zip(spans, want.spans))
+
+    # the class alone, outside Ray, on a numpy batch
+    import numpy as np
+
+    batch = rf.MaskFill(load, {"strategy": "oneshot"})({"text": np.array(texts[:5], dtype=object)})
+    assert list(batch["filled"][:2]) == [rows[0]["filled"], ""]
+    assert batch["error"][2].startswith("no [MASK] marker")
