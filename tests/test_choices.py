@@ -88,8 +88,9 @@ def test_choices_of_different_lengths(filler):
     assert {c.data for c in span.candidates} == {b" a", b" elephant", b" interpreter", b" the"}
     assert span.length == len(span.data) == len(span.byte_logprobs)
     assert result.text == f"Acquire{span.fill} global interpreter lock."
-    for c in span.candidates:  # each length is scored in its own window, by the default rule (chain)
-        assert c.logprob == pytest.approx(by_hand(filler, b"Acquire", c.data, b" global interpreter lock.", "chain"), abs=1e-4)
+    rule = FillOptions.choice_score
+    for c in span.candidates:  # each length is scored in its own window, by the default rule
+        assert c.logprob == pytest.approx(by_hand(filler, b"Acquire", c.data, b" global interpreter lock.", rule), abs=1e-4)
     # a longer choice can win: a 1-byte choice is not favoured for being short
     long_wins = filler.fill("Acquire [MASK] global interpreter lock.", choices=("x", "the"))
     assert long_wins.spans[0].data == b" the"
@@ -134,7 +135,7 @@ def test_several_spans_each_get_every_choice_with_the_others_filled(filler):
     before = f"The{result.spans[0].fill} sat on the".encode()
     after = f" and the{result.spans[2].fill} barked.".encode()
     for c in result.spans[1].candidates:
-        assert c.logprob == pytest.approx(by_hand(filler, before, c.data, after, "chain"), abs=1e-4)
+        assert c.logprob == pytest.approx(by_hand(filler, before, c.data, after, FillOptions.choice_score), abs=1e-4)
 
 
 def test_choices_in_many_texts_equal_each_text_alone(filler):
