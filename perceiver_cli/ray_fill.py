@@ -124,6 +124,9 @@ class MaskFill:
         try:
             self.load_options = _load_options(load)
             self.fill_options = _fill_options(fill)
+            from . import runtime
+
+            runtime.configure_threads()  # before torch loads: idle OpenMP threads sleep, as in the CLI
             from .filler import MaskFiller
 
             self.filler = MaskFiller.from_pretrained(self.load_options)
@@ -133,11 +136,12 @@ class MaskFill:
             self.error = ActorFailure.of(e)
 
     def fill_texts(self, texts: list[bytes | str | None]) -> list:
-        """Per text: a FillResult, an InputError, or None for a blank text (as batch mode)."""
+        """Per text: a FillResult, an InputError, or None for a blank text (as batch mode:
+        empty, or only ASCII whitespace)."""
         if self.error is not None:
             raise self.error
         decoded = [t.decode("utf-8", "surrogateescape") if isinstance(t, bytes) else t for t in texts]
-        todo = [i for i, t in enumerate(decoded) if isinstance(t, str) and t.strip()]
+        todo = [i for i, t in enumerate(decoded) if isinstance(t, str) and t.encode("utf-8", "surrogateescape").strip()]
         results: list = [None if isinstance(t, str) else InputError("no text (a null value)") for t in decoded]
         if todo:
             filled = self.filler.fill_many([decoded[i] for i in todo], self.fill_options, return_errors=True)
@@ -195,8 +199,10 @@ def _set_threads(load: LoadOptions) -> None:
     """torch's threads: `load.threads`, else (in a Ray actor) the CPUs Ray gave the actor."""
     import torch
 
+    from . import runtime
+
     if load.threads is not None:
-        torch.set_num_threads(load.threads)
+        runtime.apply_threads(torch, load.threads)
         return
     try:
         import ray
