@@ -181,14 +181,22 @@ def main() -> None:
     print(f"{len(cases)} cases from {args.cases}, model {args.model}")
     print("| strategy | exact match | length acc. | recall@k | mean logprob | passes/fill | ms/fill |")
     print("|---|---|---|---|---|---|---|")
+    exact = {}
     for label, strategy, sized, top_k, params in rows:
         if only and label not in only:
             continue
         m = measure(filler, cases, sized=sized, options=FillOptions(strategy=strategy, top_k=top_k, **params))
+        exact[label] = m["exact"]
         recall = f"{m['recall']:.1%}" if top_k > 1 else ""
         length = "" if sized else f"{m['length']:.1%}"
         print(f"| {label} | {m['exact']:.1%} | {length} | {recall} | {m['logprob']:.2f} | {m['passes']:.1f} | "
               f"{m['seconds'] * 1000:.1f} |", flush=True)
+    # the targets: the default vs oneshot at the true length, and auto length vs the default at the true length
+    true_default = f"iterative {FillOptions.iterative_passes} passes, true length"
+    if FillOptions.strategy == "iterative" and {"oneshot, true length", true_default} <= set(exact):
+        print(f"default - oneshot, true length: {100 * (exact[true_default] - exact['oneshot, true length']):+.1f} points")
+    if FillOptions.strategy == "iterative" and {"[MASK] defaults", true_default} <= set(exact) and exact[true_default]:
+        print(f"auto length / true length (defaults): {exact['[MASK] defaults'] / exact[true_default]:.0%}")
 
 
 if __name__ == "__main__":
