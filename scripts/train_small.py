@@ -4,6 +4,10 @@
     nohup nice -n 19 python scripts/train_small.py --minutes 55 --out runs/small \
         > runs/train.log 2>&1 &
 
+    # the shipped model's second stage (QUALITY.md): continue it with a fresh optimizer
+    nohup nice -n 19 python scripts/train_small.py --init tests/assets/perceiver-small \
+        --threads 1 --minutes 85 --lr 6e-4 --warmup 100 --out runs/longer > runs/longer.log 2>&1 &
+
 The architecture is `perceiver_cli.model.PerceiverMaskedLM` unchanged: byte vocabulary,
 `[CLS] bytes [SEP]` inputs, masked positions given the `[MASK]` id. Checkpoints are saved
 in the reference layout (`config.json` + `model.safetensors`, via
