@@ -177,7 +177,14 @@ def test_from_pretrained_int8_fills_and_uses_the_cache(tiny_checkpoint, tmp_path
     assert cached.is_file() and str(cached).startswith(str(tmp_path / "home"))
 
 
-def test_int8_is_refused_off_the_cpu_and_bad_values_are_refused(tiny_checkpoint):
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "CUDA"])
+def test_int8_is_refused_off_the_cpu_before_anything_loads(device):
+    """Checked by the options, so no GPU is needed to prove it: no model is read."""
+    with pytest.raises(InputError, match="int8 runs on the CPU only"):
+        MaskFiller.from_pretrained("/nonexistent/never-read", device=device, quantize="int8")
+
+
+def test_int8_bad_values_are_refused(tiny_checkpoint):
     with pytest.raises(InputError, match="quantize"):
         MaskFiller.from_pretrained(str(tiny_checkpoint), device="cpu", quantize="int4")
     with pytest.raises(InputError, match="threads"):
