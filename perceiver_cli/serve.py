@@ -118,7 +118,6 @@ class ServeOptions:
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[MASK]", "[CLS]", "[SEP]")  # ids 0..5
 _SPECIAL_SPLIT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 _SPECIAL_BYTES = tuple(t.encode() for t in SPECIAL_TOKENS)
-_BYTE = tuple(bytes([b]) for b in range(256))
 
 
 def hf_encode(text: str, special_tokens: bool = True) -> list[int]:
@@ -137,9 +136,8 @@ def hf_encode(text: str, special_tokens: bool = True) -> list[int]:
 
 
 def _token_bytes(token: int, skip_special: bool) -> bytes:
-    if token < tokenizer.NUM_SPECIAL:
-        return b"" if skip_special else _SPECIAL_BYTES[token]
-    return _BYTE[token - tokenizer.NUM_SPECIAL]
+    data = tokenizer.decode([token])  # b"" for a special id
+    return data if data or skip_special else _SPECIAL_BYTES[token]
 
 
 def hf_decode(ids: list[int], skip_special: bool = False) -> str:
@@ -154,7 +152,7 @@ def hf_target_ids(targets: list[str]) -> list[int]:
     ids = []
     for target in targets:
         if len(target) == 1 and ord(target) < 256:
-            ids.append(ord(target) + tokenizer.NUM_SPECIAL)
+            ids.append(tokenizer.byte_id(ord(target)))
         elif target in SPECIAL_TOKENS:
             ids.append(SPECIAL_TOKENS.index(target))
         else:
