@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
@@ -36,23 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "tests" / "assets" / "perceiver-small"
-WORDS = ("the of and to in is was for on that with as by at from this be are or an it which his "
-         "first new after year city school between during world known people time most other").split()
-
-
-def make_lines(n: int, seed: int = 0, lo: int = 40, hi: int = 200) -> list[str]:
-    """n English-looking lines of lo-hi bytes, each with one [MASK:k] (k = 3..8) after a space."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        target = rng.randint(lo, hi)
-        words: list[str] = []
-        while len(" ".join(words)) < target:
-            words.append(rng.choice(WORDS))
-        words[rng.randrange(1, len(words))] = f"[MASK:{rng.randint(3, 8)}]"
-        line = " ".join(words)
-        lines.append(line[0].upper() + line[1:] + ".")
-    return lines
+from bench_lines import make_lines  # noqa: E402
 
 
 def full_size_weights(directory: Path) -> Path:

@@ -31,7 +31,6 @@ import http.client
 import json
 import os
 import platform
-import random
 import re
 import select
 import shutil
@@ -50,9 +49,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_cli import MODEL_CARD, TEXT, full_size_weights, hub_cache, run  # noqa: E402
 
+from bench_lines import make_lines  # noqa: E402
+
 REPO = "deepmind/language-perceiver"
-WORDS = ("the of and to in is was for on that with as by at from this be are or an it which his "
-         "first new after year city school between during world known people time most other").split()
 
 # (d)'s in-process side: loads the model once, then fills the lines each time it reads a line.
 IN_PROCESS = r"""
@@ -71,21 +70,6 @@ for _ in sys.stdin:
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "fills": [r.text for r in results]}), flush=True)
 """
-
-
-def make_lines(n: int, seed: int = 0, lo: int = 40, hi: int = 200) -> list[str]:
-    """n English-looking lines of lo-hi bytes, each with one [MASK:k] (k = 3..8) after a space."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        target = rng.randint(lo, hi)
-        words = []
-        while len(" ".join(words)) < target:
-            words.append(rng.choice(WORDS))
-        words[rng.randrange(1, len(words))] = f"[MASK:{rng.randint(3, 8)}]"
-        line = " ".join(words)
-        lines.append(line[0].upper() + line[1:] + ".")
-    return lines
 
 
 class Server:
