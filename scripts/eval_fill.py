@@ -13,7 +13,7 @@ one word masked, its leading space included in the span. Rows:
 - cost: forward passes per fill (one pass = one model input, whatever the batch) and
   seconds per fill (all cases batched, `--batch-size` inputs per pass, this machine).
 
-`--tune` searches the auto-length parameters (`LENGTH_ALPHA`, `LENGTH_CANDIDATES`) on
+`--tune` searches the auto-length parameters (FillOptions.length_candidates, _alpha, _prior) on
 the given cases (use the VALIDATION cases, never the test cases) and prints the grid.
 `--bench-full` times one fill of one sentence on the full-size config (random weights,
 2 threads): oneshot `[MASK:N]`, oneshot `[MASK]` and the defaults `[MASK]`.
@@ -94,9 +94,9 @@ def tune(filler: MaskFiller, cases) -> None:
     texts = [text_of(c, False) for c in cases]
     print("| candidates | alpha | prior | length acc. | exact match |")
     print("|---|---|---|---|---|")
-    grid = [(c, a, p) for c in (0, 3, 4, 6) for a in (0.5, 1.0, 1.5, 2.0) for p in (0.0, 0.5, 1.0, 2.0)]
+    grid = [(c, a, p) for c in (0, 1, 2, 3, 4, 6) for a in (0.5, 1.0, 1.5, 2.0) for p in (0.0, 0.5, 1.0, 2.0, 4.0)]
     for candidates, alpha, prior in grid:
-        if candidates == 0 and (alpha != 0.5 or prior):
+        if candidates in (0, 1) and (alpha != 0.5 or prior):  # nothing to weigh: one row each
             continue
         options = FillOptions(length_candidates=candidates, length_alpha=alpha, length_prior=prior)
         results = filler.fill_many(texts, options)

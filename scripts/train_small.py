@@ -8,6 +8,11 @@
     nohup nice -n 19 python scripts/train_small.py --init tests/assets/perceiver-small \
         --threads 1 --minutes 85 --lr 6e-4 --warmup 100 --out runs/longer > runs/longer.log 2>&1 &
 
+    # the third stage (the shipped model since issue 15): continue the second stage's best
+    # checkpoint with 30% of the examples holding one padded word region (--padded)
+    nohup nice -n 19 python scripts/train_small.py --init runs/longer/best --threads 2 \
+        --minutes 75 --lr 5e-4 --warmup 100 --padded 0.3 --out runs/stage3 > runs/stage3.log 2>&1 &
+
 The architecture is `perceiver_cli.model.PerceiverMaskedLM` unchanged: byte vocabulary,
 `[CLS] bytes [SEP]` inputs, masked positions given the `[MASK]` id. Checkpoints are saved
 in the reference layout (`config.json` + `model.safetensors`, via
@@ -40,7 +45,11 @@ Masking, as the real model's pretraining: ~15% of the words, each masked as a wh
 span that starts with the space before it. For half of the masked words a random part of
 the word's bytes is shown again (the loss is on the still-masked bytes only), so that the
 model also learns to complete partly filled words, which iterative decoding relies on.
-A few single bytes elsewhere are masked too.
+A few single bytes elsewhere are masked too. With `--padded`, a share of the examples
+also hold one word masked as a region of `--pad-to` bytes (`max_span`, 16), the word
+followed by spaces: the region the auto-length probe masks for a `[MASK]`, so that the
+model learns where a word in it ends (without it, every masked region in training is
+exactly one word, and the probe's word-end probabilities say nothing).
 
 The learning curve (step, minutes, learning rate, train loss, validation loss per masked
 byte with single-byte masks and with whole-word masks) goes to `OUT/curve.csv`.
@@ -142,30 +151,46 @@ class Corpus:
             acc += w
             self.cum.append(acc / total)
 
-    def sample(self, rng: random.Random) -> bytes:
+    def sample(self, rng: random.Random, n: int | None = None) -> bytes:
         import bisect
 
+        n = n or self.n
         para = self.paragraphs[min(bisect.bisect(self.cum, rng.random()), len(self.paragraphs) - 1)]
         i = rng.randrange(len(para))
         text = para[i]
-        if len(text) > self.n:  # a long sentence: a window that starts at a word
-            starts = [0] + [m.start() for m in re.finditer(rb" ", text[: len(text) - self.n // 2])]
+        if len(text) > n:  # a long sentence: a window that starts at a word
+            starts = [0] + [m.start() for m in re.finditer(rb" ", text[: len(text) - n // 2])]
             s = rng.choice(starts)
-            text = text[s:].lstrip()[: self.n]
+            text = text[s:].lstrip()[: n]
             cut = text.rfind(b" ")
-            return text[:cut] if cut > self.n // 2 else text
+            return text[:cut] if cut > n // 2 else text
         for nxt in para[i + 1 :]:
-            if len(text) + 1 + len(nxt) > self.n or rng.random() < 0.3:
+            if len(text) + 1 + len(nxt) > n or rng.random() < 0.3:
                 break
             text += b" " + nxt
         return text
 
 
-def mask_example(text: bytes, rng: random.Random, words: float, partial: float, single: float):
-    """(ids, targets): ids with masked positions set to [MASK]; targets -100 where unmasked."""
+def mask_example(text: bytes, rng: random.Random, words: float, partial: float, single: float,
+                 pad_to: int = 0):
+    """(ids, targets): ids with masked positions set to [MASK]; targets -100 where unmasked.
+
+    With `pad_to`, one word (space included, at most `pad_to` bytes) is masked as a region
+    of exactly `pad_to` bytes: the word, then spaces up to `pad_to` (inserted, so the text
+    after it is unchanged). That is what the auto-length probe shows the model
+    (`perceiver_cli/lengths.py`: `max_span` masked bytes per `[MASK]`), so the model learns
+    where the word in such a region ends. The text must leave room: at most
+    (positions - pad_to) bytes.
+    """
     ids = tokenizer.encode(text)
     targets = [-100] * len(ids)
     spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    padded = None
+    if pad_to:
+        fits = [s for s in spans if s[1] - s[0] <= pad_to]
+        if fits:
+            padded = rng.choice(fits)
+            spans.remove(padded)
     chosen = [s for s in spans if rng.random() < words]
     if not chosen and spans and words > 0:
         chosen = [rng.choice(spans)]
@@ -184,10 +209,25 @@ def mask_example(text: bytes, rng: random.Random, words: float, partial: float, 
         if targets[j] == -100 and rng.random() < single:
             targets[j] = ids[j]
             ids[j] = tokenizer.MASK
+    if padded is not None:
+        a, b = padded
+        for j in range(a + 1, b + 1):
+            targets[j], ids[j] = ids[j], tokenizer.MASK
+        fill = pad_to - (b - a)
+        ids[b + 1 : b + 1] = [tokenizer.MASK] * fill
+        targets[b + 1 : b + 1] = [tokenizer.byte_id(ord(" "))] * fill
     if all(t == -100 for t in targets):  # always something to predict
         j = rng.randrange(1, len(ids) - 1)
         targets[j], ids[j] = ids[j], tokenizer.MASK
     return ids, targets
+
+
+def example(corpus: Corpus, rng: random.Random, args) -> tuple[list[int], list[int]]:
+    """One training example; a share `--padded` of them with a padded word region."""
+    if args.padded and rng.random() < args.padded:
+        text = corpus.sample(rng, corpus.n - args.pad_to)
+        return mask_example(text, rng, args.words, args.partial, args.single, pad_to=args.pad_to)
+    return mask_example(corpus.sample(rng), rng, args.words, args.partial, args.single)
 
 
 def collate(examples):
@@ -274,6 +314,10 @@ def main() -> None:
     ap.add_argument("--words", type=float, default=0.15, help="share of words masked")
     ap.add_argument("--partial", type=float, default=0.5, help="share of masked words partly shown again")
     ap.add_argument("--single", type=float, default=0.03, help="share of other bytes masked singly")
+    ap.add_argument("--padded", type=float, default=0.0,
+                    help="share of examples with one word masked as a region of --pad-to bytes, the word "
+                         "then spaces (the auto-length probe's view, see mask_example)")
+    ap.add_argument("--pad-to", type=int, default=16, help="the probe's region: FillOptions.max_span")
     ap.add_argument("--eval-every", type=float, default=3.0, help="minutes")
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes")
     ap.add_argument("--threads", type=int, default=2)
@@ -340,8 +384,7 @@ def main() -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = collate([mask_example(corpus.sample(rng), rng, args.words, args.partial, args.single)
-                         for _ in range(args.batch)])
+        batch = collate([example(corpus, rng, args) for _ in range(args.batch)])
         loss = loss_of(model, to_device(batch, device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
