@@ -14,8 +14,8 @@ decimals. A fill is bytes; `fill` decodes them with errors="replace".
 
 With choices (`--choice`), `candidates` is always there and holds every choice, best
 first; a candidate's `logprob` is its score under `choice_score` (choices.py: with the
-default, `pll-mean`, the mean over its bytes, an absorbed space not counted, of each
-byte's log-probability with that byte alone masked), and the span's `logprob` is the sum
+default, `sum-mean`, the mean over its bytes, an absorbed space not counted, of each
+byte's log-probability in one pass with the whole span masked), and the span's `logprob` is the sum
 of its `byte_logprobs` under that rule's passes.
 
 This module imports no torch: results travel to places (a server's client) that never load

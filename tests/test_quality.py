@@ -44,16 +44,16 @@ def auto(case: dict) -> str:
     return f"{case['prefix']} [MASK]{case['suffix']}"
 
 
-def test_the_from_the_test_split(filler):
-    # A sentence of the test split (never trained on) whose masked word is " the". One pass
-    # gives the non-word " toe"; the default (iterative) strategy feeds its surest bytes
-    # back and gets " the", at the true length and with auto length.
-    sized_text = "Donations to the PSF are tax-exempt in [MASK:4] US."
-    assert filler.fill(sized_text, strategy="oneshot").spans[0].data != b" the"
+def test_iterative_turns_a_non_word_into_the_word(filler):
+    # A sentence of the test split (never trained on) whose masked word is " was". One pass
+    # gives the non-word " wat"; the default (iterative) strategy feeds its surest bytes
+    # back and gets " was", at the true length and with auto length.
+    sized_text = "A: Because it [MASK:4] on the other side."
+    assert filler.fill(sized_text, strategy="oneshot").spans[0].data == b" wat"
     result = filler.fill(sized_text)
-    assert result.spans[0].data == b" the"
-    assert result.text == "Donations to the PSF are tax-exempt in the US."
-    assert filler.fill("Donations to the PSF are tax-exempt in [MASK] US.").text == result.text
+    assert result.spans[0].data == b" was"
+    assert result.text == "A: Because it was on the other side."
+    assert filler.fill("A: Because it [MASK] on the other side.").text == result.text
 
 
 def test_frequent_words_come_out_right(filler, frequent_cases):
