@@ -7,6 +7,7 @@ loading code, exactly as a downloaded checkpoint would be.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,13 @@ def _plain_environment(monkeypatch):
 def perceiver(*args: str) -> list[str]:
     """The command line of `perceiver ARGS` as a real process of this Python."""
     return [sys.executable, "-m", "perceiver_cli", *args]
+
+
+def ctrl_c_reaches_it() -> None:
+    """`preexec_fn` for a process a test sends SIGINT: Ctrl-C acts as in a terminal even when
+    the test run itself was started in the background (a shell's `cmd &` without job
+    control makes its children ignore SIGINT, and Python then keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def process_env(tmp: Path, **extra: str) -> dict:

@@ -21,7 +21,7 @@ from perceiver_cli import batch
 from perceiver_cli.cli import app
 from perceiver_cli.filler import MaskFiller
 
-from .conftest import TINY, perceiver, process_env, read_pty, wait_until_blocked
+from .conftest import TINY, ctrl_c_reaches_it, perceiver, process_env, read_pty, wait_until_blocked
 
 WINDOW = TINY["max_position_embeddings"] - 2
 
@@ -323,7 +323,7 @@ def stream_process(tiny_checkpoint, tmp_path_factory):
     """`--batch -` fed one line at a time by a slow producer, then Ctrl-C: what came out when."""
     tmp = tmp_path_factory.mktemp("stream")
     p = subprocess.Popen(command(tiny_checkpoint, "--batch", "-", "--json"), stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=process_env(tmp))
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=process_env(tmp), preexec_fn=ctrl_c_reaches_it)
     answers = []
     try:
         for line in (b"first [MASK:2] line\n", b"second [MASK:3] line\n"):

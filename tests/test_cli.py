@@ -29,7 +29,7 @@ from perceiver_cli.cli import app
 from perceiver_cli.options import LoadOptions
 from perceiver_cli.filler import MaskFiller
 
-from .conftest import TINY, perceiver, process_env, read_pty, wait_until_blocked
+from .conftest import TINY, ctrl_c_reaches_it, perceiver, process_env, read_pty, wait_until_blocked
 
 WINDOW = TINY["max_position_embeddings"] - 2  # bytes of document per model input ([CLS] and [SEP] take 2)
 ANSI = b"\x1b["
@@ -618,7 +618,8 @@ def test_process_without_input_on_a_terminal_shows_usage(processes):
 def test_process_ctrl_c_exits_130_without_a_traceback(tiny_checkpoint, tmp_path):
     """SIGINT while the command waits for stdin (the pipe stays open, nothing comes)."""
     p = subprocess.Popen(perceiver("fill", "-m", str(tiny_checkpoint)),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=process_env(tmp_path))
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=process_env(tmp_path),
+                         preexec_fn=ctrl_c_reaches_it)
     try:
         assert wait_until_blocked(p.pid), "the command never waited for input"
         p.send_signal(signal.SIGINT)
