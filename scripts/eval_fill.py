@@ -15,6 +15,8 @@ one word masked, its leading space included in the span. Rows:
 
 `--tune` searches the auto-length parameters (FillOptions.length_candidates, _alpha, _prior) on
 the given cases (use the VALIDATION cases, never the test cases) and prints the grid.
+`--probe` reports how often the auto-length probe's most probable length, and its 3
+proposals, hold the true length.
 `--bench-full` times one fill of one sentence on the full-size config (random weights,
 2 threads): oneshot `[MASK:N]`, oneshot `[MASK]` and the defaults `[MASK]`.
 """
@@ -106,6 +108,30 @@ def tune(filler: MaskFiller, cases) -> None:
     filler.runner = counter.runner
 
 
+def probe(filler: MaskFiller, cases) -> None:
+    """How often the auto-length probe's most probable length (and its 3 proposals) hold
+    the true length: one pass per case with `max_span` masked bytes, as `[MASK]` does."""
+    from perceiver_cli.lengths import _length_proposals
+    from perceiver_cli.strategies import choosable
+
+    options = FillOptions()
+    seen = []
+    runner = filler.runner
+    filler.runner = lambda jobs: seen.extend(runner(jobs)) or seen[-len(jobs):]
+    try:
+        texts = [f"{c['prefix']} [MASK:{options.max_span}]{c['suffix']}" for c in cases]
+        filler.fill_many(texts, FillOptions(strategy="oneshot"))
+    finally:
+        filler.runner = runner
+    top1 = top3 = 0
+    for case, logp in zip(cases, seen):  # one window per case, the span its only masked bytes
+        lengths = [n for n, _ in _length_proposals(choosable(logp, options), True, 3)]
+        true = len(case["answer"].encode())
+        top1 += lengths[0] == true
+        top3 += true in lengths
+    print(f"probe: most probable length right {top1 / len(cases):.1%}, in the 3 proposals {top3 / len(cases):.1%}")
+
+
 def bench_full(default: str) -> None:
     from perceiver_cli.model import PerceiverConfig, PerceiverMaskedLM
 
@@ -140,6 +166,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tune", action="store_true", help="grid-search the auto-length parameters (validation cases!)")
+    ap.add_argument("--probe", action="store_true", help="how often the auto-length probe proposes the true length")
     ap.add_argument("--bench-full", action="store_true", help="time one fill on the full-size config")
     ap.add_argument("--only", default=None, help="semicolon-separated row labels to run")
     args = ap.parse_args()
@@ -153,6 +180,9 @@ def main() -> None:
     cases = load_cases(args.cases, args.limit)
     if args.tune:
         tune(filler, cases)
+        return
+    if args.probe:
+        probe(filler, cases)
         return
 
     full = {"iterative_passes": None}
