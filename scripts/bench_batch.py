@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_forward import FULL_SIZE, matmul_rate, model_flops  # noqa: E402
+from bench_lines import WORDS  # noqa: E402
 
 from perceiver_cli import masks, tokenizer  # noqa: E402
 from perceiver_cli.checkpoint import load_model  # noqa: E402
@@ -51,8 +52,6 @@ TINY = dict(num_latents=8, d_latents=32, d_model=16, num_blocks=1, num_self_atte
             num_self_attention_heads=2, num_cross_attention_heads=2, qk_channels=16, v_channels=32,
             max_position_embeddings=64)
 
-WORDS = ("the of and to in is was for on that with as by at from this be are or an it which his "
-         "first new after year city school between during world known people time most other").split()
 
 
 def make_lines(n: int, seed: int = 0, lo: int = 40, hi: int = 200) -> list[str]:

@@ -1,6 +1,7 @@
 """The test lines bench_serve.py and bench_ray.py share: English-looking lines with one
 [MASK:k] each. Imports nothing but the standard library. (bench_batch.py keeps its own,
-slightly different generator, which its recorded numbers were measured with.)"""
+slightly different generator over the same WORDS, which its recorded numbers were
+measured with.)"""
 
 from __future__ import annotations
 

@@ -109,27 +109,36 @@ def tune(filler: MaskFiller, cases) -> None:
 
 
 def probe(filler: MaskFiller, cases) -> None:
-    """How often the auto-length probe's most probable length (and its 3 proposals) hold
-    the true length: one pass per case with `max_span` masked bytes, as `[MASK]` does."""
+    """How often the auto-length probe's most probable length (and its `length_candidates`
+    proposals) hold the true length: one pass per case with `max_span` masked bytes, as
+    `[MASK]` does; the proposals are `lengths._length_proposals` of that pass."""
     from perceiver_cli.lengths import _length_proposals
     from perceiver_cli.strategies import choosable
 
     options = FillOptions()
-    seen = []
+    seen: list[torch.Tensor] = []
     runner = filler.runner
-    filler.runner = lambda jobs: seen.extend(runner(jobs)) or seen[-len(jobs):]
+
+    def recording(jobs):
+        out = runner(jobs)
+        seen.extend(out)
+        return out
+
+    filler.runner = recording
     try:
         texts = [f"{c['prefix']} [MASK:{options.max_span}]{c['suffix']}" for c in cases]
         filler.fill_many(texts, FillOptions(strategy="oneshot"))
     finally:
         filler.runner = runner
-    top1 = top3 = 0
-    for case, logp in zip(cases, seen):  # one window per case, the span its only masked bytes
-        lengths = [n for n, _ in _length_proposals(choosable(logp, options), True, 3)]
+    assert len(seen) == len(cases), "one window per case, the span its only masked bytes"
+    k = options.length_candidates
+    top1 = topk = 0
+    for case, logp in zip(cases, seen):
+        lengths = [n for n, _ in _length_proposals(choosable(logp, options), True, k)]
         true = len(case["answer"].encode())
         top1 += lengths[0] == true
-        top3 += true in lengths
-    print(f"probe: most probable length right {top1 / len(cases):.1%}, in the 3 proposals {top3 / len(cases):.1%}")
+        topk += true in lengths
+    print(f"probe: most probable length right {top1 / len(cases):.1%}, in the {k} proposals {topk / len(cases):.1%}")
 
 
 def bench_full(default: str) -> None:
