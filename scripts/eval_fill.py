@@ -15,16 +15,20 @@ one word masked, its leading space included in the span. Rows:
 
 `--tune` searches the auto-length parameters (FillOptions.length_candidates, _alpha, _prior) on
 the given cases (use the VALIDATION cases, never the test cases) and prints the grid.
-`--probe` reports how often the auto-length probe's most probable length, and its 3
-proposals, hold the true length.
+`--probe` reports how often the auto-length probe's most probable length, and its
+`length_candidates` proposals (the default's), hold the true length, and the ceiling of
+any rule that chooses among the proposals (how often the default fill at one of them is
+exact).
 `--bench-full` times one fill of one sentence on the full-size config (random weights,
-2 threads): oneshot `[MASK:N]`, oneshot `[MASK]` and the defaults `[MASK]`.
+2 threads): oneshot `[MASK:N]`, oneshot `[MASK]`, the defaults `[MASK:N]` and `[MASK]`, and
+`[MASK]` with one more scored length than the default.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -133,15 +137,35 @@ def probe(filler: MaskFiller, cases) -> None:
     assert len(seen) == len(cases), "one window per case, the span its only masked bytes"
     k = options.length_candidates
     top1 = topk = 0
+    proposed = []
     for case, logp in zip(cases, seen):
         lengths = [n for n, _ in _length_proposals(choosable(logp, options), True, k)]
         true = len(case["answer"].encode())
         top1 += lengths[0] == true
         topk += true in lengths
-    print(f"probe: most probable length right {top1 / len(cases):.1%}, in the {k} proposals {topk / len(cases):.1%}")
+        proposed.append(lengths)
+    n = len(cases)
+    print(f"probe: most probable length right {top1 / n:.1%}, in the {k} proposals {topk / n:.1%}")
+    # the ceiling of any rule that chooses among the proposals: the default strategy's fill
+    # at some proposed length is the answer (a rule can do no better than that)
+    answers = [c["answer"].encode() for c in cases]
+    hit = [False] * n
+    for rank in range(k):
+        at = [(i, lengths[rank]) for i, lengths in enumerate(proposed) if rank < len(lengths)]
+        texts = [f"{cases[i]['prefix']} [MASK:{m}]{cases[i]['suffix']}" for i, m in at]
+        for (i, _), result in zip(at, filler.fill_many(texts, options)):
+            hit[i] |= result.spans[0].data == answers[i]
+    true_length = filler.fill_many([text_of(c, True) for c in cases], options)
+    auto = filler.fill_many([text_of(c, False) for c in cases], options)
+    exact_true = sum(r.spans[0].data == a for r, a in zip(true_length, answers)) / n
+    exact_auto = sum(r.spans[0].data == a for r, a in zip(auto, answers)) / n
+    print(f"defaults: true length {exact_true:.1%} exact; [MASK] {exact_auto:.1%}; the best choice among the "
+          f"{k} proposals {sum(hit) / n:.1%} (= {sum(hit) / n / exact_true:.0%} of the true length)")
 
 
 def bench_full(default: str) -> None:
+    """Median of 5 interleaved runs (background load hits every row alike) of one fill of
+    one sentence, full-size config, random weights, 2 threads; ratios to oneshot `[MASK:9]`."""
     from perceiver_cli.model import PerceiverConfig, PerceiverMaskedLM
 
     torch.set_num_threads(2)
@@ -152,19 +176,27 @@ def bench_full(default: str) -> None:
     filler = MaskFiller(model.eval().requires_grad_(False))
     text = "This is an incomplete sentence where some words are [MASK]."
     sized = text.replace("[MASK]", "[MASK:9]")
-    filler.fill(sized)  # warm-up
-    rows = [("oneshot [MASK:9]", sized, "oneshot"), ("oneshot [MASK]", text, "oneshot"),
-            (f"{default} [MASK:9]", sized, default), (f"{default} [MASK] (defaults)", text, default)]
-    for label, t, strategy in rows:
+    more = FillOptions.length_candidates + 1
+    rows = [("oneshot [MASK:9]", sized, {"strategy": "oneshot"}), ("oneshot [MASK]", text, {"strategy": "oneshot"}),
+            (f"{default} [MASK:9]", sized, {}), (f"{default} [MASK] (defaults)", text, {}),
+            (f"{default} [MASK], {more} scored lengths", text, {"length_candidates": more}),
+            (f"{default} [MASK], the probe's length only", text, {"length_candidates": 0})]
+    inputs, times = {}, {label: [] for label, *_ in rows}
+    for label, t, changes in rows:  # warm-up, and the count of model inputs
         counter = Counter(filler.runner)
         filler.runner = counter
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            filler.fill(t, strategy=strategy)
-            times.append(time.perf_counter() - t0)
+        filler.fill(t, **changes)
         filler.runner = counter.runner
-        print(f"| {label} | {counter.inputs / 3:.0f} | {min(times):.2f} |", flush=True)
+        inputs[label] = counter.inputs
+    for _ in range(5):
+        for label, t, changes in rows:
+            t0 = time.perf_counter()
+            filler.fill(t, **changes)
+            times[label].append(time.perf_counter() - t0)
+    base = statistics.median(times[rows[0][0]])
+    for label, *_ in rows:
+        m = statistics.median(times[label])
+        print(f"| {label} | {inputs[label]} | {m:.2f} | {m / base:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -182,7 +214,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.bench_full:
-        print("| full-size config, one sentence | model inputs | seconds |\n|---|---|---|")
+        print("| full-size config, one sentence | model inputs | seconds | vs oneshot `[MASK:9]` |\n|---|---|---|---|")
         bench_full(FillOptions.strategy)
         return
     filler = MaskFiller(load_model(args.model), batch_size=args.batch_size)
