@@ -174,7 +174,7 @@ class FillOptions(_Options):
     iterative_passes: int | None = 2  # most passes per span; None: one byte per pass
     beam_width: int = 4  # hypotheses kept by `beam`
     length_alpha: float = 0.5  # auto length: a length L scores (sum of byte log-probs) / L ** alpha
-    length_candidates: int | None = 3  # auto length: lengths scored per `[MASK]`; None: all; 0: the probe decides
+    length_candidates: int | None = 2  # auto length: lengths scored per `[MASK]`; None: all; 0: the probe decides
     length_prior: float = 1.0  # auto length: weight of the probe's log-probability that the word ends at L
     choices: tuple[str, ...] = ()  # fill every span with the best of these words (choices.py); () : free fill
     choice_score: str = "sum-mean"  # how a choice is scored, one of CHOICE_SCORES (chosen on validation)

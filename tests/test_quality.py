@@ -45,15 +45,15 @@ def auto(case: dict) -> str:
 
 
 def test_iterative_turns_a_non_word_into_the_word(filler):
-    # A sentence of the test split (never trained on) whose masked word is " was". One pass
-    # gives the non-word " wat"; the default (iterative) strategy feeds its surest bytes
-    # back and gets " was", at the true length and with auto length.
-    sized_text = "A: Because it [MASK:4] on the other side."
-    assert filler.fill(sized_text, strategy="oneshot").spans[0].data == b" wat"
+    # A sentence of the test split (never trained on) whose masked word is " of". One pass
+    # gives the non-word " oo"; the default (iterative) strategy feeds its surest bytes
+    # back and gets " of", at the true length and with auto length.
+    sized_text = "Love is the only game that is not called on account [MASK:3] darkness."
+    assert filler.fill(sized_text, strategy="oneshot").spans[0].data == b" oo"
     result = filler.fill(sized_text)
-    assert result.spans[0].data == b" was"
-    assert result.text == "A: Because it was on the other side."
-    assert filler.fill("A: Because it [MASK] on the other side.").text == result.text
+    assert result.spans[0].data == b" of"
+    assert result.text == "Love is the only game that is not called on account of darkness."
+    assert filler.fill("Love is the only game that is not called on account [MASK] darkness.").text == result.text
 
 
 def test_frequent_words_come_out_right(filler, frequent_cases):
@@ -80,6 +80,29 @@ def test_two_auto_spans_in_one_text(filler):
     filled = result.data
     assert filled.startswith(b"Return ") and filled.endswith(b" list.") and b"[MASK]" not in filled
     assert len(filled) == len(b"Return number of items in list.") + sum(s.length for s in result.spans)
+
+
+def test_a_default_auto_length_fill_costs_four_model_inputs(filler):
+    # The cost target (QUALITY.md): a default `[MASK]` fill within 4x a oneshot `[MASK:N]`
+    # fill. 4 inputs keep it there on any machine: the probe, 2 scored lengths in one
+    # batched pass (the chosen one doubles as the strategy's first pass), 1 more pass.
+    batches: list[int] = []
+    runner = filler.runner
+
+    def counting(jobs):
+        batches.append(len(jobs))
+        return runner(jobs)
+
+    filler.runner = counting
+    try:
+        auto = filler.fill("Return the number of items in [MASK] list.")
+        assert batches == [1, 2, 1]
+        batches.clear()
+        filler.fill("Return the number of items in [MASK:4] list.", strategy="oneshot")
+        assert batches == [1]
+    finally:
+        filler.runner = runner
+    assert auto.spans[0].length >= 2
 
 
 @pytest.mark.parametrize("strategy", ["oneshot", "iterative", "beam"])
