@@ -8,10 +8,14 @@
     nohup nice -n 19 python scripts/train_small.py --init tests/assets/perceiver-small \
         --threads 1 --minutes 85 --lr 6e-4 --warmup 100 --out runs/longer > runs/longer.log 2>&1 &
 
-    # the third stage (the shipped model since issue 15): continue the second stage's best
+    # the third stage (issue 15): continue the second stage's best
     # checkpoint with 30% of the examples holding one padded word region (--padded)
     nohup nice -n 19 python scripts/train_small.py --init runs/longer/best --threads 2 \
         --minutes 75 --lr 5e-4 --warmup 100 --padded 0.3 --out runs/stage3 > runs/stage3.log 2>&1 &
+
+    # the fourth stage (shipped since): the third's best, a lower peak, more padded regions
+    nohup nice -n 19 python scripts/train_small.py --init runs/stage3/best --threads 2 \
+        --minutes 80 --lr 3e-4 --warmup 100 --padded 0.4 --out runs/stage4 > runs/stage4.log 2>&1 &
 
 The architecture is `perceiver_cli.model.PerceiverMaskedLM` unchanged: byte vocabulary,
 `[CLS] bytes [SEP]` inputs, masked positions given the `[MASK]` id. Checkpoints are saved
