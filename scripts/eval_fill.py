@@ -45,8 +45,13 @@ def load_cases(path: str, limit: int | None) -> list[dict]:
 
 
 def text_of(case: dict, sized: bool) -> str:
-    n = len(case["answer"].encode())
-    marker = f"[MASK:{n}]" if sized else "[MASK]"
+    """The case with its word masked: `[MASK:N]` at the true length if `sized`, else `[MASK]`."""
+    return text_at(case, len(case["answer"].encode()) if sized else None)
+
+
+def text_at(case: dict, n: int | None) -> str:
+    """The case with `[MASK:n]` (`[MASK]` for None) where its word is."""
+    marker = "[MASK]" if n is None else f"[MASK:{n}]"
     return f"{case['prefix']} {marker}{case['suffix']}"  # the marker absorbs the space
 
 
@@ -130,8 +135,7 @@ def probe(filler: MaskFiller, cases) -> None:
 
     filler.runner = recording
     try:
-        texts = [f"{c['prefix']} [MASK:{options.max_span}]{c['suffix']}" for c in cases]
-        filler.fill_many(texts, FillOptions(strategy="oneshot"))
+        filler.fill_many([text_at(c, options.max_span) for c in cases], FillOptions(strategy="oneshot"))
     finally:
         filler.runner = runner
     assert len(seen) == len(cases), "one window per case, the span its only masked bytes"
@@ -152,13 +156,10 @@ def probe(filler: MaskFiller, cases) -> None:
     hit = [False] * n
     for rank in range(k):
         at = [(i, lengths[rank]) for i, lengths in enumerate(proposed) if rank < len(lengths)]
-        texts = [f"{cases[i]['prefix']} [MASK:{m}]{cases[i]['suffix']}" for i, m in at]
-        for (i, _), result in zip(at, filler.fill_many(texts, options)):
+        for (i, _), result in zip(at, filler.fill_many([text_at(cases[i], m) for i, m in at], options)):
             hit[i] |= result.spans[0].data == answers[i]
-    true_length = filler.fill_many([text_of(c, True) for c in cases], options)
-    auto = filler.fill_many([text_of(c, False) for c in cases], options)
-    exact_true = sum(r.spans[0].data == a for r, a in zip(true_length, answers)) / n
-    exact_auto = sum(r.spans[0].data == a for r, a in zip(auto, answers)) / n
+    exact_true = measure(filler, cases, sized=True, options=options)["exact"]
+    exact_auto = measure(filler, cases, sized=False, options=options)["exact"]
     print(f"defaults: true length {exact_true:.1%} exact; [MASK] {exact_auto:.1%}; the best choice among the "
           f"{k} proposals {sum(hit) / n:.1%} (= {sum(hit) / n / exact_true:.0%} of the true length)")
 
