@@ -24,6 +24,7 @@ from .errors import InputError
 
 DEFAULT_MASK_TOKEN = "[MASK]"
 _CLOSERS = "]>})"
+MAX_DIGITS = 9  # digits of N beyond its leading zeros: more is refused before int() reads them
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,13 @@ def parse(text: str, mask_token: str = DEFAULT_MASK_TOKEN) -> Template:
                 raise InputError(
                     f"malformed mask marker {shown!r} at character {i}: N must be a whole number, as in {head}:3{close}"
                 )
-            length = int(number)
+            digits = number.lstrip("0") or "0"
+            if len(digits) > MAX_DIGITS:  # no window is that long (and int() refuses 4,300+ digits)
+                raise InputError(
+                    f"mask marker {head}:{digits[:8]}...{close} at character {i} asks for a {len(digits)}-digit "
+                    f"number of bytes: N must fit the model's window"
+                )
+            length = int(digits)
             if length < 1:
                 raise InputError(f"mask marker {head}:{number}{close} at character {i} masks no bytes: N must be >= 1")
             end = stop + len(close)

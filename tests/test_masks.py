@@ -26,6 +26,10 @@ def test_render_puts_fills_between_the_pieces_byte_for_byte():
     assert t.render([b" ab", b" cd"]) == b"x ab y cd z"
 
 
+def test_leading_zeros_of_n_do_not_count():
+    assert parse(f"a [MASK:{'0' * 5000}3]").spans[0].length == 3
+
+
 def test_a_head_without_its_close_is_ordinary_text():
     t = parse("[MASKED] and [MASK:1]")
     assert t.pieces == (b"[MASKED] and", b"")
@@ -38,6 +42,7 @@ def test_a_head_without_its_close_is_ordinary_text():
     ("a [MASK:-3] b", "N must be a whole number"),
     ("a [MASK:٣] b", "N must be a whole number"),  # an Arabic-Indic digit is not a length
     ("a [MASK:3 b", "unterminated mask marker at character 2"),
+    (f"a [MASK:{'9' * 5000}] b", "asks for a 5000-digit number of bytes"),  # int() would refuse to read it
 ])
 def test_malformed_markers_are_input_errors_naming_the_place(text, message):
     with pytest.raises(InputError, match=None) as e:
