@@ -51,6 +51,10 @@ MAX_LINE_BYTES = 1 << 20  # a longer line is an error, never held in memory
 def open_input(name: str, output: Path | None = None) -> BinaryIO:
     """The input as a binary stream: `-` is stdin. An unreadable file is bad input (exit 2)."""
     if name == "-":
+        if sys.stdin is None:
+            raise InputError("--batch -: standard input is closed")
+        if output is not None and _same_file(sys.stdin, output):  # `-o FILE < FILE`
+            raise InputError(f"-o {output} is the file standard input reads: write the results somewhere else")
         return sys.stdin.buffer
     try:
         f = open(name, "rb")
@@ -63,6 +67,15 @@ def open_input(name: str, output: Path | None = None) -> BinaryIO:
         f.close()
         raise InputError(f"-o {output} is the input file: write the results somewhere else")
     return f
+
+
+def _same_file(stream, path: Path) -> bool:
+    """Whether the open `stream` reads the existing regular file at `path`."""
+    try:
+        a, b = os.fstat(stream.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(a.st_mode) and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 class LineReader:
@@ -163,6 +176,8 @@ class Output:
     The file is opened without truncating, then locked (`flock`, exclusive, not waiting):
     a second run on the same file fails at once instead of interleaving its lines. Only
     then is it truncated (a new run) or cut after its last complete line (`--resume`).
+    A FILE that is not a regular file (`/dev/null`, a FIFO) is written as it is, and
+    cannot be resumed.
     """
 
     def __init__(self, path: Path | None, *, resume: bool = False, as_json: bool = False):
@@ -186,11 +201,14 @@ class Output:
         except OSError:
             pass  # a file system without locks: go on unlocked
         try:
-            if resume:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # /dev/null, a FIFO, a terminal: written as a stream
+                if resume:
+                    raise InputError(f"--resume needs -o to name a regular file; {path} is not one")
+            elif resume:
                 self.skip = _resume_point(self.file, as_json, path)
+                self.file.seek(0, os.SEEK_END)
             else:
                 self.file.truncate(0)
-            self.file.seek(0, os.SEEK_END)
         except BaseException:
             self.file.close()
             raise
@@ -366,7 +384,7 @@ def run(
     if not as_json:
         options = options.replace(single_line=True)  # one output line per input line
     # A progress bar when stderr is a terminal, unless the results scroll on that terminal.
-    shown = stderr.is_terminal and not (output.path is None and stdout_is_terminal)
+    shown = can_redraw(stderr) and not (output.path is None and stdout_is_terminal)
     bar = _Bar(stderr if shown else None, reader, source, output.skip)
     try:
         for outcome in fill_lines(fill_many, reader, options, chunk=chunk, skip=output.skip):
@@ -416,6 +434,15 @@ class _Bar:
             self._update()
             self.progress.stop()
             self.progress = None
+
+
+def can_redraw(console: "Console") -> bool:
+    """Whether a progress bar may be drawn on `console`: a terminal, and a real one
+    (FORCE_COLOR / TTY_COMPATIBLE into a file give colour, not a bar redrawn into it)."""
+    try:
+        return console.is_terminal and bool(console.file.isatty())
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _json(obj: dict) -> bytes:

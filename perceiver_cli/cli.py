@@ -96,17 +96,57 @@ EXIT_BROKEN_PIPE = 141  # what a shell reports for a process ended by a closed p
 
 
 def _stderr_console():
-    """Diagnostics, progress and errors: a rich console on stderr."""
+    """Diagnostics, progress and errors: a rich console on stderr, best effort (`_Diagnostics`)."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(file=_Diagnostics(sys.stderr), highlight=False, **_width())
 
 
 def _stdout_console():
     """Results on a terminal. `is_terminal` also honours FORCE_COLOR / TTY_COMPATIBLE."""
     from rich.console import Console
 
-    return Console(file=sys.stdout, highlight=False)
+    return Console(file=sys.stdout, highlight=False, **_width())
+
+
+def _width() -> dict:
+    """rich takes COLUMNS as the width, and at `COLUMNS=0` prints nothing at all: then 80."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    return {"width": 80} if columns.isdigit() and int(columns) < 1 else {}
+
+
+class _Diagnostics:
+    """stderr for messages about the work: one that cannot be written (stderr on a full
+    disk, or closed) is dropped, and never stops the work it reports on (a batch run
+    goes on writing its results, and exits with the code it would have had)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError, AttributeError):
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
 
 
 def _say(message: str, style: str = "") -> None:
@@ -346,7 +386,7 @@ def fill(
     with _failures():
         _check_modes(text=text, batch=batch, output=output, resume=resume, explain=explain, top_k=top_k, as_json=as_json)
         options = FillOptions(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token, explain=explain,
-                              choices=tuple(choice or ()))
+                              choices=tuple(choice or ()), single_line=batch is not None and not as_json)
         load = LoadOptions(model=model, revision=revision, device=device, dtype=dtype, quantize=quantize, threads=threads,
                            offline=offline, batch_size=batch_size)
         if batch is not None:

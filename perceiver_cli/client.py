@@ -105,7 +105,10 @@ class Client:
     """A `perceiver serve` at `url`, used like a MaskFiller: `fill_many(texts, options)`."""
 
     def __init__(self, url: str, api_key: str | None = None):
-        parts = urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+        except ValueError as e:  # e.g. "http://[::1": an unclosed IPv6 address
+            raise InputError(f"--server {url!r} is not a URL: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"--server {url!r} is not an http:// or https:// URL of a perceiver server")
         self.url = url

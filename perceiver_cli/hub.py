@@ -103,6 +103,7 @@ def resolve(
             raise CheckpointError(not_a_checkpoint(local))
         return ResolvedModel(model, local, weights)
 
+    _check_endpoint(endpoint)
     # huggingface_hub's constants are read at its import; a caller may have set them since
     hf_offline = getattr(sys.modules.get("huggingface_hub.constants"), "HF_HUB_OFFLINE", False)
     offline = offline or offline_from_env() or hf_offline is True
@@ -123,6 +124,23 @@ def resolve(
         )
     with _quiet():
         return hub.download()
+
+
+def _check_endpoint(endpoint: str | None) -> None:
+    """`HF_ENDPOINT` (or the endpoint given) must be an http(s) URL: huggingface_hub parses
+    the variable when it is imported, and a malformed one would fail there, unnamed."""
+    for name, url in (("HF_ENDPOINT", os.environ.get("HF_ENDPOINT")), ("the endpoint", endpoint)):
+        if not url:
+            continue
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InputError(f"{name} {url!r} is not an http:// or https:// URL")
 
 
 @contextmanager

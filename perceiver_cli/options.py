@@ -211,6 +211,9 @@ class FillOptions(_Options):
                 raise OptionError("choices", "must not hold an empty word")
             if c in choices[:k]:
                 raise OptionError("choices", f"holds {c!r} twice")
+            if self.single_line and any(b in c for b in "\r\n"):  # a fill of plain --batch output is one line
+                raise OptionError("choices", f"{c!r} holds a line break: plain --batch output is one line per "
+                                             f"input line (--json may hold one)")
         object.__setattr__(self, "choices", tuple(choices))  # hashable (the server groups by options)
         object.__setattr__(self, "choice_score", _choice("choice_score", self.choice_score, CHOICE_SCORES))
 

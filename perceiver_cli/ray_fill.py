@@ -592,9 +592,9 @@ def run(inputs: list[Input], output_dir: Path, load: LoadOptions, fill: FillOpti
                 num_gpus=settings.gpus_per_actor,
             )
             del refs
-            if stderr is not None and stderr.is_terminal:
-                from .batch import _progress
+            from .batch import _progress, can_redraw
 
+            if stderr is not None and can_redraw(stderr):
                 progress = _progress(stderr)
                 progress.start()
                 task = progress.add_task("filling", total=total, completed=0, lines=0, rate="-")

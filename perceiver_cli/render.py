@@ -51,9 +51,14 @@ def percent(p: float) -> str:
     return f"{100 * p:.1f}%" if p >= 0.0005 else "<0.1%"
 
 
+# Bidirectional controls: a right-to-left override would reorder the rest of the terminal line.
+_BIDI = frozenset([0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
 def show_fill(s: str) -> str:
-    """A fill as a quoted string with its spaces visible and control characters escaped."""
-    return json.dumps(s, ensure_ascii=False)
+    """A fill as a quoted string with its spaces visible, and control characters and
+    bidirectional controls escaped."""
+    return "".join(f"\\u{ord(c):04x}" if ord(c) in _BIDI else c for c in json.dumps(s, ensure_ascii=False))
 
 
 def show_byte(b: int) -> str:
@@ -83,7 +88,8 @@ def utf8_chars(data: bytes) -> list[tuple[str, int, int]]:
 
 def _visible(ch: str) -> str:
     """A filled character as it may be shown on a terminal: control characters become
-    their Unicode pictures (the model can emit any byte, and an ESC would drive the terminal)."""
+    their Unicode pictures, C1 and bidirectional controls U+FFFD (the model can emit any
+    byte, and an ESC would drive the terminal)."""
     o = ord(ch)
     if ch in "\n\t":
         return ch
@@ -91,7 +97,7 @@ def _visible(ch: str) -> str:
         return chr(0x2400 + o)
     if o == 127:
         return "\u2421"
-    if 0x80 <= o < 0xA0:
+    if 0x80 <= o < 0xA0 or o in _BIDI:
         return "\ufffd"
     return ch
 

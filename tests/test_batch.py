@@ -21,7 +21,7 @@ from perceiver_cli import batch
 from perceiver_cli.cli import app
 from perceiver_cli.filler import MaskFiller
 
-from .conftest import TINY, ctrl_c_reaches_it, perceiver, process_env, read_pty, wait_until_blocked
+from .conftest import TINY, ctrl_c_reaches_it, perceiver, process_env, read_pty, run_process, wait_until_blocked
 
 WINDOW = TINY["max_position_embeddings"] - 2
 
@@ -173,6 +173,60 @@ def test_output_must_not_be_the_input(tiny_checkpoint, tmp_path):
     result = run_batch(tiny_checkpoint, "--batch", str(path), "-o", str(path))
     assert result.exit_code == 2 and "is the input file" in result.stderr
     assert path.read_text() == "a [MASK:2]\n"
+
+
+def test_a_marker_of_thousands_of_digits_fails_its_line_only(tiny_checkpoint, tmp_path):
+    lines = ["a [MASK:3] b", f"a [MASK:{'9' * 5000}] b", "c [MASK:2] d"]
+    result = run_batch(tiny_checkpoint, "--batch", str(write_lines(tmp_path / "in.txt", lines)), "--json")
+    assert result.exit_code == 1
+    objects = json_lines(result.stdout)
+    assert [o["line"] for o in objects] == [1, 2, 3] and "text" in objects[0] and "text" in objects[2]
+    assert "5000-digit number of bytes" in objects[1]["error"]
+
+
+def test_a_choice_with_a_line_break_is_refused_for_plain_output_before_any_work(tiny_checkpoint, tmp_path):
+    path = write_lines(tmp_path / "in.txt", ["one [MASK] a", "two [MASK] b"])
+    out = tmp_path / "out.txt"
+    out.write_text("earlier results\n")
+    plain = run_batch(tiny_checkpoint, "--batch", str(path), "--choice", "x\ny", "--choice", "z", "-o", str(out))
+    assert plain.exit_code == 2 and "holds a line break: plain --batch output is one line per input line" in plain.stderr
+    assert out.read_text() == "earlier results\n"  # refused before -o is touched
+    as_json = run_batch(tiny_checkpoint, "--batch", str(path), "--choice", "x\ny", "--choice", "z", "--json")
+    assert as_json.exit_code == 0 and len(json_lines(as_json.stdout)) == 2  # JSON escapes a line break
+
+
+def test_output_must_not_be_the_file_stdin_reads(tiny_checkpoint, tmp_path):
+    path = write_lines(tmp_path / "in.txt", ["a [MASK:2]"])
+    with open(path, "rb") as stdin:
+        p = subprocess.run(perceiver("fill", "-m", str(tiny_checkpoint), "--batch", "-", "-o", str(path)), stdin=stdin,
+                           capture_output=True, env=process_env(tmp_path), timeout=120)
+    assert p.returncode == 2 and b"is the file standard input reads" in p.stderr
+    assert path.read_text() == "a [MASK:2]\n"
+
+
+def test_output_to_a_device_is_written_as_a_stream_and_cannot_be_resumed(tiny_checkpoint, tmp_path):
+    path = write_lines(tmp_path / "in.txt", ["a [MASK:2]", "b [MASK] c"])
+    assert run_batch(tiny_checkpoint, "--batch", str(path), "-o", os.devnull).exit_code == 0
+    resumed = run_batch(tiny_checkpoint, "--batch", str(path), "-o", os.devnull, "--resume")
+    assert resumed.exit_code == 2 and f"--resume needs -o to name a regular file; {os.devnull} is not one" in resumed.stderr
+
+
+def test_an_unwritable_stderr_does_not_stop_the_run(tiny_checkpoint, tmp_path):
+    path = write_lines(tmp_path / "in.txt", MIXED)
+    out = tmp_path / "out.txt"
+    with open("/dev/full", "w") as full:  # every line error and the summary fail to be written
+        p = subprocess.run(perceiver("fill", "-m", str(tiny_checkpoint), "--batch", str(path), "-o", str(out)),
+                           stdout=subprocess.PIPE, stderr=full, env=process_env(tmp_path), timeout=120)
+    assert p.returncode == 1  # lines failed, as with a stderr that works
+    assert out.read_bytes().count(b"\n") == len(MIXED)
+
+
+def test_force_color_into_a_file_gives_no_progress_bar(tiny_checkpoint, tmp_path):
+    path = write_lines(tmp_path / "in.txt", ["no marker", *sentences(20, seed=5)])
+    p = run_process(perceiver("fill", "-m", str(tiny_checkpoint), "--batch", str(path), "-o", str(tmp_path / "out.txt")),
+                    tmp_path, FORCE_COLOR="1")
+    assert p.returncode == 1 and b"lines/s" not in p.stderr
+    assert b"line 1: no [MASK] marker" in p.stderr  # the messages are there, in colour
 
 
 # -- resume -----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from perceiver_cli.cli import app
 from perceiver_cli.options import LoadOptions
 from perceiver_cli.filler import MaskFiller
 
-from .conftest import TINY, ctrl_c_reaches_it, perceiver, process_env, read_pty, wait_until_blocked
+from .conftest import TINY, ctrl_c_reaches_it, perceiver, process_env, read_pty, run_process, wait_until_blocked
 
 WINDOW = TINY["max_position_embeddings"] - 2  # bytes of document per model input ([CLS] and [SEP] take 2)
 ANSI = b"\x1b["
@@ -272,6 +273,8 @@ BAD = [
     ("mask-x", ["a [MASK:x] b"], None, 2, "N must be a whole number"),
     ("unterminated", ["a [MASK:3"], None, 2, "unterminated mask marker"),
     ("too-long", [f"a [MASK:{WINDOW + 1}]"], None, 2, f"longer than the model's {WINDOW}-byte window"),
+    ("thousands-of-digits", [f"a [MASK:{'9' * 5000}] b"], None, 2, "asks for a 5000-digit number of bytes"),
+    ("server-not-a-url", ["--server", "http://[::1", "a [MASK:2]"], None, 2, "--server 'http://[::1' is not a URL"),
     ("empty-argument", [""], None, 2, "empty input"),
     ("empty-stdin", [], b"", 2, "empty input"),
     ("empty-dash", ["-"], b"", 2, "empty input"),
@@ -630,3 +633,34 @@ def test_process_ctrl_c_exits_130_without_a_traceback(tiny_checkpoint, tmp_path)
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
 
 
+
+
+def test_a_malformed_hf_endpoint_is_bad_input_naming_the_variable(tmp_path):
+    result = CliRunner().invoke(app, ["fill", "-m", "org/model", "a [MASK:2]"], prog_name="perceiver",
+                                env={"HF_ENDPOINT": "http://[::1", "HF_HOME": str(tmp_path)})
+    assert result.exit_code == 2
+    assert_one_error_line(result, "HF_ENDPOINT 'http://[::1' is not an http:// or https:// URL")
+
+
+def test_columns_0_still_shows_errors_and_results(tiny_checkpoint, tmp_path):
+    """rich takes COLUMNS as the width, and at 0 it printed nothing: no error line, and
+    on a terminal (FORCE_COLOR) no result either."""
+    bad = run_process(perceiver("fill", "-m", str(tiny_checkpoint), "no marker"), tmp_path, COLUMNS="0")
+    assert bad.returncode == 2 and bad.stderr.decode().startswith("error: no [MASK] marker")
+    good = run_process(perceiver("fill", "-m", str(tiny_checkpoint), "Hello [MASK:4] world."), tmp_path,
+                       COLUMNS="0", FORCE_COLOR="1")
+    assert good.returncode == 0, good.stderr
+    shown = re.sub(rb"\x1b\[[0-9;]*m", b"", good.stdout)
+    assert shown.startswith(b"Hello") and b" world." in shown  # the document, its fill shown in place
+
+
+def test_an_unwritable_stderr_keeps_the_exit_code(tiny_checkpoint, tmp_path):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(perceiver("fill", "-m", str(tiny_checkpoint), "no marker"), stdout=subprocess.PIPE,
+                           stderr=full, env=process_env(tmp_path), timeout=120)
+    assert p.returncode == 2 and p.stdout == b""
+
+
+def test_bidirectional_controls_in_a_fill_are_escaped_on_a_terminal():
+    assert render.show_fill("a\u202eb") == '"a\\u202eb"'  # a right-to-left override would reorder the line
+    assert render.show_fill("é\n") == '"é\\n"'
