@@ -49,13 +49,20 @@ class Template:
 
 
 def to_bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
+    """The text's bytes; `InputError` for a lone surrogate that stands for no byte (one
+    from JSON's `"\\ud800"`: not a character, and nothing a byte-level model can read)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the text holds a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}: "
+                         "not a character") from None
 
 
 def parse(text: str, mask_token: str = DEFAULT_MASK_TOKEN) -> Template:
     """Split `text` at its markers. Raises `InputError` for malformed markers or none."""
     if not mask_token or mask_token.isspace():
         raise InputError("the mask token must be a non-empty literal")
+    to_bytes(text)  # a lone surrogate fails here, named by its place in the whole text
     if mask_token[-1] in _CLOSERS and len(mask_token) > 1:
         head, close = mask_token[:-1], mask_token[-1]
     else:

@@ -211,6 +211,10 @@ class FillOptions(_Options):
                 raise OptionError("choices", "must not hold an empty word")
             if c in choices[:k]:
                 raise OptionError("choices", f"holds {c!r} twice")
+            try:
+                c.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raise OptionError("choices", f"{c!r} holds a lone surrogate: not a character") from None
             if self.single_line and any(b in c for b in "\r\n"):  # a fill of plain --batch output is one line
                 raise OptionError("choices", f"{c!r} holds a line break: plain --batch output is one line per "
                                              f"input line (--json may hold one)")
