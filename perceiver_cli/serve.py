@@ -25,6 +25,9 @@ with Retry-After. Each text's computation is independent of the others in its ba
 (padding is masked), so an answer equals the request's answer alone (fills identical,
 log-probabilities within float noise). If a merged batch fails as a whole (a float16
 overflow), its items are run again one by one, so only the request that caused it fails.
+A client that hangs up marks its work as gone: the worker skips it, or stops a batch
+whose clients have all gone before its next forward pass (`_Watched`); a second SIGINT or
+SIGTERM stops the running work the same way and closes the connections (`run`).
 
 The library never prints: `run` calls `announce` with the address once it listens.
 """
@@ -43,7 +46,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -65,6 +68,7 @@ DEFAULT_QUEUE_SIZE = 64  # requests waiting for the model; one more gets 503
 RETRY_AFTER_S = 1
 DRAIN_LIMIT = 64 << 20  # bytes of an oversized body read (and dropped) so the 413 reaches the client
 HF_TOP_K = 5  # the fill-mask pipeline's default
+MAX_HF_ANSWER = 8 << 20  # bytes a fill-mask answer may take (masks x top_k candidates, each the whole sequence)
 API_KEY_ENV = "PERCEIVER_API_KEY"
 
 
@@ -218,6 +222,13 @@ def hf_job(body: Any, window: int) -> HFJob:
         raise InputError("No mask_token ([MASK]) found on the input")
     if len(ids) > window:
         raise InputError(f'"inputs" is {len(ids)} tokens with [CLS] and [SEP]: the model takes at most {window}')
+    # Each candidate repeats the whole sequence (other masks and specials spelt out): bound the answer.
+    per_candidate = len(_dumps(hf_decode(ids))) + 100
+    candidates = len(positions) * min(top_k, len(targets) if targets is not None else 256 + tokenizer.NUM_SPECIAL)
+    if candidates * per_candidate > MAX_HF_ANSWER:
+        raise InputError(f"the answer would hold {candidates} candidates of about {per_candidate} bytes each, "
+                         f"over the server's {MAX_HF_ANSWER >> 20} MiB a fill-mask answer may take: "
+                         "ask for a smaller top_k, or fewer [MASK] tokens per request")
     return HFJob(ids, positions, top_k, targets)
 
 
@@ -294,11 +305,41 @@ class QueueFull(Exception):
     pass
 
 
+class Cancelled(PerceiverError):
+    """Work stopped between forward passes: its clients have gone, or the server is stopping at once."""
+
+
 @dataclass
 class Work:
     job: HFJob | FillJob
     size: int  # texts
     deliver: Callable[[Any, BaseException | None], None]
+    gone: threading.Event = field(default_factory=threading.Event)  # its client hung up: nobody to answer
+
+
+class _Watched:
+    """The filler's runner, one forward pass (`batch_size` inputs) at a time, asking
+    `stop()` before each: a batch whose clients have all gone, or a server stopping at
+    once, stops there (`Cancelled`) instead of running on for minutes. The inputs are
+    ordered and cut as the runner itself would, so the passes are the same."""
+
+    def __init__(self, runner, stop: Callable[[], bool]):
+        self.runner, self.stop = runner, stop
+
+    @property
+    def batch_size(self) -> int:
+        return self.runner.batch_size
+
+    def __call__(self, jobs):
+        out: list = [None] * len(jobs)
+        order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0]))
+        for b in range(0, len(order), self.batch_size):
+            if self.stop():
+                raise Cancelled("stopped: the client has gone, or the server is stopping")
+            chunk = order[b : b + self.batch_size]
+            for j, logp in zip(chunk, self.runner([jobs[j] for j in chunk])):
+                out[j] = logp
+        return out
 
 
 class Batcher:
@@ -310,19 +351,29 @@ class Batcher:
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.running = 0  # requests in the batch being computed
         self.batches = 0  # batches run (for /info)
+        self.aborting = threading.Event()  # stop at once: the running batch at its next pass, nothing queued
+        self.current: list[Work] = []  # the items being computed
+        filler.runner = _Watched(filler.runner, lambda: self.aborting.is_set() or all(w.gone.is_set() for w in self.current))
         self.thread = threading.Thread(target=self._work, name="perceiver-batcher", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        """Finish what is queued, then end the worker."""
+    def close(self) -> None:
+        """No more work: the worker finishes what is queued, then ends."""
         if self.thread.is_alive():
             self.queue.put(None)
-            self.thread.join()
 
-    async def submit(self, job: HFJob | FillJob, size: int):
-        """The job's answer, computed with whatever else is waiting. Raises `QueueFull`."""
+    def abort(self) -> None:
+        """Stop at once: the running batch stops before its next forward pass, queued work is dropped."""
+        self.aborting.set()
+        self.close()
+
+    async def submit(self, job: HFJob | FillJob, size: int, gone: Awaitable | None = None):
+        """The job's answer, computed with whatever else is waiting. Raises `QueueFull`.
+        When the awaitable `gone` finishes first (the client hung up), the work is marked
+        as gone, so the worker skips it or stops it between forward passes, and
+        `Cancelled` is raised."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -333,17 +384,29 @@ class Batcher:
         def deliver(value, error=None):
             loop.call_soon_threadsafe(settle, value, error)
 
+        work = Work(job, size, deliver)
         try:
-            self.queue.put_nowait(Work(job, size, deliver))
+            self.queue.put_nowait(work)
         except queue.Full:
             raise QueueFull() from None
-        return await future
+        watcher = asyncio.ensure_future(gone) if gone is not None else None
+        try:
+            if watcher is not None:
+                await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not future.done():
+                    raise Cancelled("the client has gone")
+            return await future
+        finally:
+            if not future.done():  # the client has gone, or this request's task was cancelled
+                work.gone.set()
+            if watcher is not None:
+                watcher.cancel()
 
     def _work(self) -> None:
         stop = False
         while not stop:
             first = self.queue.get()
-            if first is None:
+            if first is None or self.aborting.is_set():
                 return
             batch, size = [first], first.size
             deadline = time.monotonic() + self.batch_wait
@@ -371,6 +434,7 @@ class Batcher:
                 self.batches += 1
 
     def _run(self, batch: list[Work]) -> None:
+        batch = [w for w in batch if not w.gone.is_set()]  # nobody waits for these
         hf = [w for w in batch if isinstance(w.job, HFJob)]
         groups: dict[FillOptions, list[Work]] = {}
         for w in batch:
@@ -399,6 +463,13 @@ class Batcher:
 
     def _compute(self, items: list[Work]) -> list:
         """The answers of items of one kind (all fill-mask, or all /v1/fill with equal options)."""
+        self.current = items
+        try:
+            return self._answers(items)
+        finally:
+            self.current = []
+
+    def _answers(self, items: list[Work]) -> list:
         if isinstance(items[0].job, HFJob):
             logps = self.filler.logprobs([(w.job.ids, w.job.positions) for w in items])
             return [hf_answer(w.job, lp) for w, lp in zip(items, logps)]
@@ -470,9 +541,9 @@ def build_app(filler, options: ServeOptions) -> Starlette:
     window = filler.model.cfg.max_position_embeddings
     static_info = describe(filler, options)
 
-    async def model_work(job, size: int):
+    async def model_work(request: Request, job, size: int):
         try:
-            return await batcher.submit(job, size)
+            return await batcher.submit(job, size, _disconnected(request))
         except QueueFull:
             raise HTTPError(503, f"the server is busy: {options.queue_size} requests are waiting; retry later",
                             {"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -486,11 +557,11 @@ def build_app(filler, options: ServeOptions) -> Starlette:
 
     async def fill_mask(request: Request) -> Response:
         job = hf_job(await read_json(request, options.max_body), window)
-        return json_response(await model_work(job, 1))
+        return json_response(await model_work(request, job, 1))
 
     async def fill(request: Request) -> Response:
         job = fill_job(await read_json(request, options.max_body))
-        results = await model_work(job, len(job.texts))
+        results = await model_work(request, job, len(job.texts))
         if job.single:
             if isinstance(results[0], Exception):
                 raise results[0]
@@ -509,8 +580,10 @@ def build_app(filler, options: ServeOptions) -> Starlette:
         batcher.start()
         try:
             yield
-        finally:
-            await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+        finally:  # the requests in flight are answered by now: let the worker end (at once after `abort`)
+            batcher.close()
+            while batcher.thread.is_alive() and not batcher.aborting.is_set():
+                await asyncio.sleep(0.05)
 
     async def http_exception(request: Request, exc: HTTPException) -> Response:
         message = {404: f"no such endpoint: {request.url.path} (the endpoints are GET /health, GET /info, "
@@ -519,8 +592,15 @@ def build_app(filler, options: ServeOptions) -> Starlette:
         return error_response(exc.status_code, message, exc.headers)
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_exception})
+    app.router.redirect_slashes = False  # /info/ is a 404 like any unknown path, not a redirect
     app.state.batcher = batcher
     return _Guard(app, options.api_key)  # type: ignore[return-value]
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (its request body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _result_json(result, job: FillJob) -> dict:
@@ -538,6 +618,8 @@ def _guarded(endpoint):
             return await endpoint(request)
         except HTTPError as e:
             return error_response(e.status, e.message, e.headers)
+        except Cancelled as e:
+            return error_response(503, str(e))
         except OptionError as e:
             return error_response(400, str(e), option=e.name, rule=e.rule)
         except InputError as e:
@@ -642,10 +724,27 @@ def run(filler, options: ServeOptions, *, announce: Callable[[str], None] | None
     import uvicorn
 
     app = build_app(filler, options)
+    batcher = app.state.batcher
     sock = listen(options.host, options.port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=None, server_header=False)
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """The first SIGINT or SIGTERM stops gracefully. A second of either stops at
+            once: the model work stops before its next forward pass and every connection
+            is closed, so the graceful path ends without waiting (uvicorn's own forced exit,
+            on a second SIGINT only, would skip the app's shutdown and log tracebacks)."""
+            if not self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+            batcher.abort()
+            for connection in list(self.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.close()
+
+    server = Server(config)
     if announce is not None:
         announce(url_of(sock))
     # uvicorn re-raises the signal that stopped it once it has shut down; with these

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from perceiver_cli.serve import hf_decode, hf_encode, hf_target_ids
+from perceiver_cli.errors import InputError
+from perceiver_cli.serve import hf_decode, hf_encode, hf_job, hf_target_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "tests" / "assets" / "perceiver-small"
@@ -268,7 +269,10 @@ BAD = [
     ("POST", "/v1/fill", b'{}', 400, 'give either "text"'),
     ("POST", "/v1/fill", b'{"text": "a [MASK]", "texts": []}', 400, 'give either "text"'),
     ("POST", "/v1/fill", b'{"text": "a [MASK]", "detail": "yes"}', 400, '"detail" must be true or false'),
+    ("POST", "/v1/fill", b'{"text": "a [MASK]\\ud800"}', 400, "lone surrogate (U+D800) at character 8"),
+    ("POST", "/v1/fill", b'{"text": "a [MASK]", "options": {"choices": ["\\ud800"]}}', 400, "holds a lone surrogate"),
     ("GET", "/nowhere", None, 404, "no such endpoint: /nowhere"),
+    ("GET", "/info/", None, 404, "no such endpoint: /info/"),  # not a redirect
     ("POST", "/health", b"{}", 405, "POST is not allowed on /health"),
     ("GET", "/v1/fill", None, 405, "GET is not allowed on /v1/fill"),
     ("PUT", "/", b"{}", 405, "PUT is not allowed on /"),
@@ -285,6 +289,17 @@ def test_bad_request_is_a_4xx_with_one_json_line_and_the_server_lives_on(tiny_se
     assert payload.count(b"\n") == 0 and isinstance(answer, dict) and set(answer) <= {"error", "option", "rule"}
     assert fragment in answer["error"], answer
     assert tiny_server.request("GET", "/health")[3] == {"status": "ok"}
+
+
+def test_a_text_that_cannot_be_read_fails_in_its_place(tiny_server):
+    status, _, _, answer = tiny_server.request("POST", "/v1/fill", {"texts": ["a [MASK:2]", "\ud800 [MASK]"]})
+    assert status == 200 and "text" in answer[0] and "lone surrogate" in answer[1]["error"]
+
+
+def test_a_fill_mask_answer_too_large_is_refused_before_any_work():
+    with pytest.raises(InputError, match="the answer would hold 33012 candidates"):
+        hf_job({"inputs": "[MASK]" * 126, "parameters": {"top_k": 262}}, 128)  # 28 MB of JSON
+    assert len(hf_job({"inputs": "[MASK]" * 126, "parameters": {"top_k": 5}}, 128).positions) == 126
 
 
 def test_body_over_the_limit_is_413(tiny_server):
@@ -393,6 +408,42 @@ def test_signal_with_a_request_in_flight_answers_it_and_exits_0(tiny_checkpoint,
     assert status == 200 and len(answer) == len(body["texts"]) and all("text" in a for a in answer)
     assert server.wait() == 0  # the one signal was enough
     assert b"Traceback" not in b"".join(server.stderr)
+
+
+def test_a_second_signal_stops_at_once_with_a_long_request_in_flight(tiny_checkpoint, tmp_path):
+    server = Server(tiny_checkpoint, tmp_path)
+    body = {"texts": slow_texts(20000), "options": {"strategy": "beam", "top_k": 4}}  # minutes of work
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(server.request, "POST", "/v1/fill", body)
+        while server.request("GET", "/info")[3]["queue"]["running"] == 0:
+            assert not slow.done()
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)  # graceful: it would wait for the answer
+        time.sleep(1)
+        assert server.proc.poll() is None and not slow.done()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        with pytest.raises(ConnectionError):  # the connection is closed without an answer
+            slow.result(timeout=30)
+    assert b"Traceback" not in b"".join(server.stderr)
+
+
+def test_the_work_of_a_client_that_hangs_up_is_dropped(tiny_checkpoint, tmp_path):
+    server = Server(tiny_checkpoint, tmp_path)
+    try:
+        body = json.dumps({"texts": slow_texts(20000), "options": {"strategy": "beam", "top_k": 4}}).encode()
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(b"POST /v1/fill HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        while server.request("GET", "/info")[3]["queue"]["running"] == 0:
+            time.sleep(0.05)
+        client.close()  # minutes of work left, and nobody to answer
+        deadline = time.monotonic() + 30
+        while server.request("GET", "/info")[3]["queue"]["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.request("GET", "/info")[3]["queue"] == {"waiting": 0, "running": 0, "batches": 1}
+        assert server.request("POST", "/", {"inputs": "a [MASK]"})[0] == 200
+    finally:
+        assert server.stop() == 0
 
 
 # -- the API key ----------------------------------------------------------------------------
