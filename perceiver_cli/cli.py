@@ -456,6 +456,8 @@ def serve(
     batch_wait_ms: Optional[float] = typer.Option(None, "--batch-wait-ms", help="How long to wait for more requests before a batch runs [default: 5]."),
     queue_size: Optional[int] = typer.Option(None, "--queue-size", help="Most requests waiting; beyond, 503 [default: 64]."),
     max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Largest request body, in MiB; beyond, 413 [default: 4]."),
+    max_inputs: Optional[int] = typer.Option(None, "--max-inputs", help="Most model inputs (a window of a text in one pass) one request may take; beyond, 400 [default: 10000]."),
+    body_timeout_s: Optional[float] = typer.Option(None, "--body-timeout-s", help="Seconds a client has to send its request body; then 408 [default: 60]."),
     api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="Require `Authorization: Bearer KEY`, KEY the file's first line (or set PERCEIVER_API_KEY)."),
 ):
     """Serve the model over HTTP until Ctrl-C or SIGTERM (then requests in flight are answered).
@@ -477,7 +479,7 @@ def serve(
         from .serve import ServeOptions, read_api_key
 
         given = dict(host=host, port=port, max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue_size=queue_size,
-                     max_body_mb=max_body_mb)
+                     max_body_mb=max_body_mb, max_inputs=max_inputs, body_timeout_s=body_timeout_s)
         settings = ServeOptions(**{k: v for k, v in given.items() if v is not None},
                                 api_key=read_api_key(api_key_file, os.environ))
         filler = _load_filler(load)

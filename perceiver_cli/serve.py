@@ -25,7 +25,9 @@ with Retry-After. Each text's computation is independent of the others in its ba
 (padding is masked), so an answer equals the request's answer alone (fills identical,
 log-probabilities within float noise). If a merged batch fails as a whole (a float16
 overflow), its items are run again one by one, so only the request that caused it fails.
-A client that hangs up marks its work as gone: the worker skips it, or stops a batch
+Each request may take at most `max_inputs` model inputs (counted per forward pass by
+`_Watched`; a batch of several requests gets the sum, and over it each is run alone), and
+`body_timeout_s` seconds to send its body. A client that hangs up marks its work as gone: the worker skips it, or stops a batch
 whose clients have all gone before its next forward pass (`_Watched`); a second SIGINT or
 SIGTERM stops the running work the same way and closes the connections (`run`).
 
@@ -65,6 +67,8 @@ DEFAULT_MAX_BODY_MB = 4.0  # request bodies larger than this get 413
 DEFAULT_MAX_BATCH = 16  # texts gathered into one batch of model work
 DEFAULT_BATCH_WAIT_MS = 5.0  # how long the worker waits for more requests after the first
 DEFAULT_QUEUE_SIZE = 64  # requests waiting for the model; one more gets 503
+DEFAULT_MAX_INPUTS = 10_000  # model inputs (one window of one text in one pass) one request may take
+DEFAULT_BODY_TIMEOUT_S = 60.0  # seconds a client has to send its whole request body; then 408
 RETRY_AFTER_S = 1
 DRAIN_LIMIT = 64 << 20  # bytes of an oversized body read (and dropped) so the 413 reaches the client
 HF_TOP_K = 5  # the fill-mask pipeline's default
@@ -82,6 +86,8 @@ class ServeOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     queue_size: int = DEFAULT_QUEUE_SIZE
+    max_inputs: int = DEFAULT_MAX_INPUTS
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     api_key: str | None = field(default=None, repr=False)  # None: no key needed
 
     def __post_init__(self):
@@ -89,11 +95,11 @@ class ServeOptions:
             raise OptionError("host", "must be an address to listen on, like 127.0.0.1")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise OptionError("port", f"must be between 0 and 65535 (got {self.port!r})")
-        for name, lo in (("max_body_mb", 0.001), ("batch_wait_ms", 0.0)):
+        for name, lo in (("max_body_mb", 0.001), ("batch_wait_ms", 0.0), ("body_timeout_s", 0.001)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= 1e6:
                 raise OptionError(name, f"must be a number of at least {lo} (got {value!r})")
-        for name in ("max_batch", "queue_size"):
+        for name in ("max_batch", "queue_size", "max_inputs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(name, f"must be a whole number of at least 1 (got {value!r})")
@@ -309,6 +315,10 @@ class Cancelled(PerceiverError):
     """Work stopped between forward passes: its clients have gone, or the server is stopping at once."""
 
 
+class TooMuchWork(InputError):
+    """A request that needs more model inputs than the server's `--max-inputs`."""
+
+
 @dataclass
 class Work:
     job: HFJob | FillJob
@@ -318,13 +328,14 @@ class Work:
 
 
 class _Watched:
-    """The filler's runner, one forward pass (`batch_size` inputs) at a time, asking
-    `stop()` before each: a batch whose clients have all gone, or a server stopping at
-    once, stops there (`Cancelled`) instead of running on for minutes. The inputs are
-    ordered and cut as the runner itself would, so the passes are the same."""
+    """The filler's runner, one forward pass (`batch_size` inputs) at a time, calling
+    `check(n)` before a pass of n inputs, which raises to stop the work there: a batch
+    whose clients have all gone, or a server stopping at once (`Cancelled`), or a request
+    over its budget of model inputs (`TooMuchWork`). The inputs are ordered and cut as the
+    runner itself would, so the passes are the same."""
 
-    def __init__(self, runner, stop: Callable[[], bool]):
-        self.runner, self.stop = runner, stop
+    def __init__(self, runner, check: Callable[[int], None]):
+        self.runner, self.check = runner, check
 
     @property
     def batch_size(self) -> int:
@@ -334,9 +345,8 @@ class _Watched:
         out: list = [None] * len(jobs)
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0]))
         for b in range(0, len(order), self.batch_size):
-            if self.stop():
-                raise Cancelled("stopped: the client has gone, or the server is stopping")
             chunk = order[b : b + self.batch_size]
+            self.check(len(chunk))
             for j, logp in zip(chunk, self.runner([jobs[j] for j in chunk])):
                 out[j] = logp
         return out
@@ -345,15 +355,17 @@ class _Watched:
 class Batcher:
     """One queue, one worker thread that owns the model (see the module docstring)."""
 
-    def __init__(self, filler, *, max_batch: int, batch_wait: float, queue_size: int):
+    def __init__(self, filler, *, max_batch: int, batch_wait: float, queue_size: int,
+                 max_inputs: int = DEFAULT_MAX_INPUTS):
         self.filler = filler
-        self.max_batch, self.batch_wait = max_batch, batch_wait
+        self.max_batch, self.batch_wait, self.max_inputs = max_batch, batch_wait, max_inputs
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.running = 0  # requests in the batch being computed
         self.batches = 0  # batches run (for /info)
         self.aborting = threading.Event()  # stop at once: the running batch at its next pass, nothing queued
         self.current: list[Work] = []  # the items being computed
-        filler.runner = _Watched(filler.runner, lambda: self.aborting.is_set() or all(w.gone.is_set() for w in self.current))
+        self.used = 0  # model inputs they have taken
+        filler.runner = _Watched(filler.runner, self._check)
         self.thread = threading.Thread(target=self._work, name="perceiver-batcher", daemon=True)
 
     def start(self) -> None:
@@ -461,9 +473,19 @@ class Batcher:
         else:
             w.deliver(answer)
 
+    def _check(self, inputs: int) -> None:
+        """Before a forward pass of the items being computed (`_Watched`)."""
+        if self.aborting.is_set() or all(w.gone.is_set() for w in self.current):
+            raise Cancelled("stopped: the client has gone, or the server is stopping")
+        self.used += inputs
+        if self.used > self.max_inputs * len(self.current):  # several items: each is then run alone
+            raise TooMuchWork(f"the request needs more than {self.max_inputs} model inputs, the server's limit "
+                              "(perceiver serve --max-inputs): send fewer texts, or ask for less search "
+                              "(a smaller top_k or beam_width, fewer iterative_passes)")
+
     def _compute(self, items: list[Work]) -> list:
         """The answers of items of one kind (all fill-mask, or all /v1/fill with equal options)."""
-        self.current = items
+        self.current, self.used = items, 0
         try:
             return self._answers(items)
         finally:
@@ -508,21 +530,33 @@ def error_response(status: int, message: str, headers: dict | None = None, **ext
     return json_response({"error": " ".join(str(message).split()), **extra}, status, headers)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON; 413 beyond `limit` bytes, 400 for what is not JSON."""
+async def read_json(request: Request, limit: int, timeout: float | None = None) -> Any:
+    """The request body as JSON; 413 beyond `limit` bytes, 408 when it has not all come
+    within `timeout` seconds, 400 for what is not JSON."""
     declared = request.headers.get("content-length")
     too_big = declared is not None and declared.isdigit() and int(declared) > limit
     body = bytearray()
-    seen = 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        if seen > limit:
-            too_big = True
-        if too_big:
-            if seen > DRAIN_LIMIT:  # the 413 may not reach a client that goes on sending
-                break
-            continue  # read and drop the rest, so the client can read the answer
-        body += chunk
+
+    async def read() -> bool:
+        nonlocal too_big
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                too_big = True
+            if too_big:
+                if seen > DRAIN_LIMIT:  # the 413 may not reach a client that goes on sending
+                    break
+                continue  # read and drop the rest, so the client can read the answer
+            body.extend(chunk)
+        return True
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        if not too_big:
+            raise HTTPError(408, f"the request body did not arrive within {timeout:g} s "
+                            "(perceiver serve --body-timeout-s)", {"Connection": "close"}) from None
     if too_big:
         raise HTTPError(413, f"request body larger than the server's limit of {limit} bytes "
                         "(perceiver serve --max-body-mb)")
@@ -537,7 +571,7 @@ async def read_json(request: Request, limit: int) -> Any:
 def build_app(filler, options: ServeOptions) -> Starlette:
     """The ASGI app serving `filler` (a loaded MaskFiller)."""
     batcher = Batcher(filler, max_batch=options.max_batch, batch_wait=options.batch_wait_ms / 1000,
-                      queue_size=options.queue_size)
+                      queue_size=options.queue_size, max_inputs=options.max_inputs)
     window = filler.model.cfg.max_position_embeddings
     static_info = describe(filler, options)
 
@@ -556,11 +590,11 @@ def build_app(filler, options: ServeOptions) -> Starlette:
         return json_response({**static_info, **live})
 
     async def fill_mask(request: Request) -> Response:
-        job = hf_job(await read_json(request, options.max_body), window)
+        job = hf_job(await read_json(request, options.max_body, options.body_timeout_s), window)
         return json_response(await model_work(request, job, 1))
 
     async def fill(request: Request) -> Response:
-        job = fill_job(await read_json(request, options.max_body))
+        job = fill_job(await read_json(request, options.max_body, options.body_timeout_s))
         results = await model_work(request, job, len(job.texts))
         if job.single:
             if isinstance(results[0], Exception):
@@ -684,6 +718,8 @@ def describe(filler, options: ServeOptions) -> dict:
         "max_batch": options.max_batch,
         "batch_wait_ms": options.batch_wait_ms,
         "queue_size": options.queue_size,
+        "max_inputs": options.max_inputs,
+        "body_timeout_s": options.body_timeout_s,
         "max_body": options.max_body,
         "auth": options.api_key is not None,
     }

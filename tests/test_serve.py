@@ -446,6 +446,44 @@ def test_the_work_of_a_client_that_hangs_up_is_dropped(tiny_checkpoint, tmp_path
         assert server.stop() == 0
 
 
+def test_a_request_over_the_model_input_limit_is_refused_and_others_go_on(tiny_checkpoint, tmp_path):
+    server = Server(tiny_checkpoint, tmp_path, "--max-inputs", "50")
+    try:
+        one_byte_a_pass = {"text": "a [MASK:40] b", "options": {"iterative_passes": None}}  # 40 inputs
+        assert server.request("POST", "/v1/fill", one_byte_a_pass)[0] == 200
+        wide = {"text": "a [MASK:40] b", "options": {"iterative_passes": None, "top_k": 4}}  # 4 hypotheses a pass
+        status, _, _, answer = server.request("POST", "/v1/fill", wide)
+        assert status == 400 and "needs more than 50 model inputs" in answer["error"]
+        status, _, _, answer = server.request("POST", "/v1/fill", {"texts": [f"a{i} [MASK:1]" for i in range(60)]})
+        assert status == 400 and "--max-inputs" in answer["error"]
+        with ThreadPoolExecutor(2) as pool:  # batched together: only the costly one fails
+            costly = pool.submit(server.request, "POST", "/v1/fill", wide)
+            cheap = pool.submit(server.request, "POST", "/v1/fill", {**wide, "text": "a [MASK:2] b"})
+            assert costly.result()[0] == 400 and cheap.result()[0] == 200
+        assert server.request("GET", "/info")[3]["max_inputs"] == 50
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(tiny_checkpoint, tmp_path):
+    server = Server(tiny_checkpoint, tmp_path, "--body-timeout-s", "1")
+    try:
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        client.sendall(b'POST /v1/fill HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"text"')
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            data = client.recv(65536)
+            if not data:
+                break
+            answer += data
+        client.close()
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 408") and "did not arrive within 1 s" in json.loads(body)["error"]
+        assert server.request("GET", "/health")[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
 # -- the API key ----------------------------------------------------------------------------
 
 
@@ -589,7 +627,8 @@ def test_serve_help_states_the_defaults_of_serve_options():
     result = subprocess.run([sys.executable, "-m", "perceiver_cli", "serve", "--help"], capture_output=True, text=True)
     text = " ".join(result.stdout.split("Options:", 1)[1].split())
     defaults = ServeOptions()
-    for name in ("host", "port", "max_batch", "batch_wait_ms", "queue_size", "max_body_mb"):
+    for name in ("host", "port", "max_batch", "batch_wait_ms", "queue_size", "max_body_mb", "max_inputs",
+                 "body_timeout_s"):
         value = getattr(defaults, name)
         shown = f"{value:g}" if isinstance(value, float) else str(value)
         flag = "--" + name.replace("_", "-")
