@@ -221,7 +221,8 @@ class Client:
         if not isinstance(answer, list) or len(answer) != len(texts):
             raise ServerError(f"the server at {self.url} answered {len(answer) if isinstance(answer, list) else 'no'} "
                               f"results for {len(texts)} texts")
-        results = [InputError(a["error"]) if "error" in a else result_from_wire(a) for a in answer]
+        results = [self._read(lambda a=a: InputError(a["error"]) if "error" in a else result_from_wire(a))
+                   for a in answer]
         if not return_errors:
             for r in results:
                 if isinstance(r, InputError):
@@ -231,7 +232,16 @@ class Client:
     def fill(self, text: str, options: FillOptions | None = None) -> FillResult:
         """Like `MaskFiller.fill`: raises `InputError` for a text that cannot be filled."""
         body = {"text": text, "options": (options or FillOptions()).to_dict(), "detail": True}
-        return result_from_wire(self.request("POST", "/v1/fill", body))
+        answer = self.request("POST", "/v1/fill", body)
+        return self._read(lambda: result_from_wire(answer))
+
+    def _read(self, parse):
+        """`parse()` of an answer; `ServerError` when it is not the shape this client knows."""
+        try:
+            return parse()
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            raise ServerError(f"the server at {self.url} answered something that is not a perceiver fill: "
+                              "is it `perceiver serve`, of this version?") from None
 
     def check_model(self, model: str | None, revision: str | None) -> None:
         """`InputError` (exit 2) when `model` (or `revision`), as asked on the command line,

@@ -613,6 +613,35 @@ def test_cli_model_mismatch_and_unreachable_server(small_server, tiny_checkpoint
     assert down.stderr.decode().count("\n") == 1 and "cannot reach the server" in down.stderr.decode()
 
 
+def test_an_answer_that_is_not_a_perceiver_fill_is_one_error_line(tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Impostor(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            payload = b'{"text": "not what a perceiver server says"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{impostor.server_address[1]}"
+        result = perceiver(["fill", "--server", url, "a [MASK:2] b"], server_env(tmp_path))
+    finally:
+        impostor.shutdown()
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr.decode().splitlines() == [
+        f"error: the server at {url} answered something that is not a perceiver fill: is it `perceiver serve`, "
+        "of this version?"]
+
+
 def test_server_wins_over_nothing_and_an_empty_server_option_fills_in_process(tmp_path):
     env = server_env(tmp_path, PERCEIVER_SERVER="http://127.0.0.1:9")
     through = perceiver(["fill", "a [MASK:2]."], env)
