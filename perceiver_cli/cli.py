@@ -99,7 +99,7 @@ def _stderr_console():
     """Diagnostics, progress and errors: a rich console on stderr, best effort (`_Diagnostics`)."""
     from rich.console import Console
 
-    return Console(file=_Diagnostics(sys.stderr), highlight=False, **_width())
+    return Console(file=_Diagnostics(), highlight=False, **_width())
 
 
 def _stdout_console():
@@ -118,10 +118,13 @@ def _width() -> dict:
 class _Diagnostics:
     """stderr for messages about the work: one that cannot be written (stderr on a full
     disk, or closed) is dropped, and never stops the work it reports on (a batch run
-    goes on writing its results, and exits with the code it would have had)."""
+    goes on writing its results, and exits with the code it would have had). It writes to
+    `sys.stderr` as it is at each write (ray-fill points it elsewhere while Ray runs)."""
 
-    def __init__(self, stream):
-        self.stream = stream
+    @property
+    def stream(self):
+        # under a live progress bar sys.stderr is rich's proxy that writes to this console: what is behind it
+        return getattr(sys.stderr, "rich_proxied_file", sys.stderr)
 
     def write(self, text: str) -> int:
         try:
