@@ -357,24 +357,31 @@ class Input:
 
 def expand_inputs(names: list[str], output_dir: Path | None = None) -> list[Input]:
     """The files that `names` name, in order: a file as given; a directory's regular files,
-    recursively, sorted by path, hidden names (starting with ".") skipped; a glob pattern
-    (`*`, `?`, `[`, `**`) that is not itself a path, its matches sorted. A file named twice
-    (the same device and inode) counts once, where it first appears; files inside
-    `output_dir` are never inputs. Every file is opened here, so an unreadable one is an
-    `InputError` (exit 2) before Ray starts."""
+    recursively, sorted by path, hidden names (starting with ".") and links to nowhere
+    skipped; a glob pattern (`*`, `?`, `[`, `**`) that is not itself a path, its matches
+    sorted (regular files, and directories as above). A file named twice (the same device and inode) counts once, where it first
+    appears. Files inside `output_dir` are never inputs (a rerun would read its own
+    results): a directory or glob skips them, a file named there is refused. Every file is
+    opened here, so an unreadable one is an `InputError` (exit 2) before Ray starts."""
+    skip = output_dir.resolve() if output_dir is not None else None
     found: list[str] = []
     for name in names:
+        if name == "-":
+            raise InputError("ray-fill reads files, not standard input: save the lines to a file and name it")
         if not os.path.lexists(name) and glob.has_magic(name):
             matches = sorted(glob.glob(name, recursive=True))
-            if not matches:
-                raise InputError(f"no file matches {name}")
-            for match in matches:
-                found.extend(_walk(match, output_dir) if os.path.isdir(match) else [match])
-        elif os.path.isdir(name):
-            files = _walk(name, output_dir)
+            files = [f for m in matches for f in (_walk(m, skip) if os.path.isdir(m) else [m] if os.path.isfile(m) else [])
+                     if not _inside(f, skip)]
             if not files:
-                raise InputError(f"{name} is a directory without files to read")
+                raise InputError(f"no file matches {name}" + (" outside --output" if matches else ""))
             found.extend(files)
+        elif os.path.isdir(name):
+            files = _walk(name, skip)
+            if not files:
+                raise InputError(f"{name} is a directory without files to read" + (" outside --output" if skip else ""))
+            found.extend(files)
+        elif _inside(name, skip):
+            raise InputError(f"{name} is inside --output {output_dir}: results are written there, not read")
         else:
             found.append(name)
     inputs: list[Input] = []
@@ -395,14 +402,21 @@ def expand_inputs(names: list[str], output_dir: Path | None = None) -> list[Inpu
     return inputs
 
 
-def _walk(directory: str, output_dir: Path | None) -> list[str]:
-    skip = output_dir.resolve() if output_dir is not None else None
+def _inside(path: str, directory: Path | None) -> bool:
+    return directory is not None and Path(path).resolve().is_relative_to(directory)
+
+
+def _walk(directory: str, skip: Path | None) -> list[str]:
     files = []
     for root, dirs, names in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (skip is None or Path(root, d).resolve() != skip))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _inside(os.path.join(root, d), skip))
         for name in sorted(names):
             path = os.path.join(root, name)
-            if not name.startswith(".") and stat.S_ISREG(os.stat(path).st_mode):
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:  # a link to nowhere
+                regular = False
+            if regular and not name.startswith(".") and not _inside(path, skip):
                 files.append(path)
     return sorted(files)
 
@@ -577,6 +591,8 @@ def run(inputs: list[Input], output_dir: Path, load: LoadOptions, fill: FillOpti
                 ctx.enable_progress_bars = False
                 ctx.print_on_execution_start = False
                 ctx.enable_auto_log_stats = False
+            if started and settings.address is None:  # this run's own Ray: what it has is known
+                _check_local_resources(ray.cluster_resources(), settings)
             cpus = settings.cpus_per_actor
             if cpus is None:
                 cpus = 1
@@ -585,7 +601,9 @@ def run(inputs: list[Input], output_dir: Path, load: LoadOptions, fill: FillOpti
             ds = ray.data.from_arrow_refs(refs).map_batches(
                 worker,
                 fn_constructor_kwargs={"load": load, "fill": fill, "chunk": chunk},
-                batch_size=None,  # a block, one file's chunk, is a batch
+                # a block, one file's chunk, is a batch; Ray wants a size with GPUs (RecordFill
+                # groups the rows of a batch by file and chunk either way)
+                batch_size=chunk if settings.gpus_per_actor else None,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=settings.actors),
                 num_cpus=cpus,
@@ -685,6 +703,15 @@ class _QuietNative:
                 pass
 
 
+def _check_local_resources(have: dict, settings: Settings) -> None:
+    """An actor that asks for more than the local Ray has would wait for it forever."""
+    for name, key, want in (("cpus_per_actor", "CPU", settings.cpus_per_actor),
+                            ("gpus_per_actor", "GPU", settings.gpus_per_actor)):
+        if want and want > have.get(key, 0):
+            raise OptionError(name, f"asks for {want:g} {key}{'s' * (want != 1)} per actor, more than the {have.get(key, 0):g} of the "
+                                    "local Ray this run started (give --address for a cluster that has them)")
+
+
 def _init_ray(ray, settings: Settings) -> None:
     quiet = settings.quiet_ray
     if quiet:
@@ -697,6 +724,7 @@ def _init_ray(ray, settings: Settings) -> None:
         if settings.address is None:
             ray.init(address="local", **kwargs)  # a new local Ray, never one that happens to run here
         else:
+            _reachable(settings.address)
             ray.init(address=settings.address, **kwargs)
     except PerceiverError:
         raise
@@ -706,6 +734,19 @@ def _init_ray(ray, settings: Settings) -> None:
     if quiet:
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _reachable(address: str) -> None:
+    """A cluster's `host:port` must take a connection: Ray itself would wait minutes, silent."""
+    import socket
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return  # "auto" and the like: Ray's to judge
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise PerceiverError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def _from_ray(error: BaseException) -> PerceiverError:

@@ -41,7 +41,7 @@ def cluster(tmp_path_factory):
         for name, value in env.items():
             mp.setenv(name, value)
         mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)  # a GPU in name only
         try:
             yield ray.get_runtime_context().gcs_address
         finally:
@@ -167,6 +167,30 @@ def test_ray_fill_exit_0_and_progress_on_a_terminal(cluster, tiny_checkpoint, tm
     assert len(outputs["00001-ok.txt.jsonl"][0]["spans"][0]["candidates"]) == 2
 
 
+def test_actors_that_ask_for_gpus(cluster, tiny_checkpoint, tmp_path):
+    """--gpus-per-actor on a cluster that has one (in name: the actors run on the CPU); on a
+    local Ray without any, exit 2 instead of waiting for it forever."""
+    source = write(tmp_path / "in.txt", "".join(f"gpu {i} [MASK:2] here\n" for i in range(15)).encode())
+    ran = subprocess.run(perceiver("ray-fill", str(source), "-o", str(tmp_path / "out"), "--address", cluster,
+                                   "--gpus-per-actor", "0.5", "--device", "cpu", "-m", str(tiny_checkpoint),
+                                   "--batch-size", BATCH), capture_output=True, env=process_env(tmp_path), timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    check_against_batch(tiny_checkpoint, read_output(tmp_path / "out"), [(str(source), source)])
+    local = subprocess.run(perceiver("ray-fill", str(source), "-o", str(tmp_path / "out2"), "--gpus-per-actor", "1",
+                                     "-m", str(tiny_checkpoint)), capture_output=True, env=process_env(tmp_path),
+                           timeout=300)
+    assert local.returncode == 2
+    assert local.stderr.decode().startswith("error: --gpus-per-actor asks for 1 GPU per actor, more than the 0 of the local Ray")
+
+
+def test_an_unreachable_cluster_is_one_line_at_once(tmp_path):
+    source = write(tmp_path / "in.txt", b"a [MASK:2] b\n")
+    ran = subprocess.run(perceiver("ray-fill", str(source), "-o", str(tmp_path / "out"), "--address", "127.0.0.1:9"),
+                         capture_output=True, env=process_env(tmp_path), timeout=60)
+    assert ran.returncode == 1
+    assert ran.stderr.decode().startswith("error: cannot reach the Ray cluster at 127.0.0.1:9: Connection refused")
+
+
 def test_a_model_that_does_not_fit_is_one_line(cluster, tiny_checkpoint, tmp_path):
     """--max-span longer than the model's window: found by the actors, exit 2 as for fill;
     a model that is not there: exit 1. No output file is left behind."""
@@ -194,7 +218,13 @@ def test_bad_usage_and_unreadable_inputs_exit_2_before_ray(tmp_path):
     write(tmp_path / "file_not_dir", b"")
     unreadable = write(tmp_path / "secret.txt", b"x [MASK:2]\n")
     unreadable.chmod(0)
+    (tmp_path / "done").mkdir()
+    write(tmp_path / "done" / "old.jsonl", b"{}\n")
     cases = {
+        ("-",): "ray-fill reads files, not standard input",
+        ("empt*",): "no file matches empt*",  # a glob of directories without files
+        ("done/old.jsonl", "-o", "done"): "done/old.jsonl is inside --output done",
+        ("done", "-o", "done"): "done is a directory without files to read outside --output",
         ("missing.txt",): "cannot read missing.txt",
         ("emptydir",): "emptydir is a directory without files to read",
         ("nomatch/*.txt",): "no file matches nomatch/*.txt",
@@ -219,6 +249,17 @@ def test_bad_usage_and_unreadable_inputs_exit_2_before_ray(tmp_path):
         assert procs[args].returncode == 2, (args, stderr)
         assert stdout == b"" and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, lines)
     assert not (tmp_path / "out").exists()  # nothing made before the inputs were checked
+
+
+def test_inputs_skip_the_output_directory_and_links_to_nowhere(tmp_path):
+    data = tmp_path / "data"
+    (data / "out").mkdir(parents=True)
+    write(data / "a.txt", b"a [MASK:2]\n")
+    write(data / "out" / "00001-a.txt.jsonl", b"{}\n")  # an earlier run's result
+    (data / "gone.txt").symlink_to(tmp_path / "nowhere")
+    found = [i.path for i in rf.expand_inputs([str(data)], data / "out")]
+    assert found == [str(data / "a.txt")]
+    assert [i.path for i in rf.expand_inputs([str(data / "**")], data / "out")] == found
 
 
 def test_without_ray_one_line_how_to_install(tmp_path):
