@@ -518,6 +518,10 @@ def download(
         load = LoadOptions(model=model, revision=revision)
         _check_stdout()
         found = resolve(load.model, load.revision, update=True, progress=sys.stderr.isatty())
+        if found.repo_id is None:  # a local directory, not fetched: checked as `info` and `fill` load it
+            from .checkpoint import load_model
+
+            load_model(found.directory)
         _print_fields(_model_fields(found))
 
 

@@ -664,3 +664,17 @@ def test_an_unwritable_stderr_keeps_the_exit_code(tiny_checkpoint, tmp_path):
 def test_bidirectional_controls_in_a_fill_are_escaped_on_a_terminal():
     assert render.show_fill("a\u202eb") == '"a\\u202eb"'  # a right-to-left override would reorder the line
     assert render.show_fill("é\n") == '"é\\n"'
+
+
+def test_download_of_a_local_directory_checks_it_as_info_does(tiny_checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short
+    result = CliRunner().invoke(app, ["download", "-m", str(broken)], prog_name="perceiver")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert_one_error_line(result, "cannot read weights file")
+    whole = CliRunner().invoke(app, ["download", "-m", str(tiny_checkpoint)], prog_name="perceiver")
+    assert whole.exit_code == 0 and "(local directory)" in whole.stdout
