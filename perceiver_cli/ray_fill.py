@@ -618,8 +618,9 @@ def run(inputs: list[Input], output_dir: Path, load: LoadOptions, fill: FillOpti
                 task = progress.add_task("filling", total=total, completed=0, lines=0, rate="-")
             start = time.perf_counter()
             done = 0
+            batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
             try:
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                for batch in batches:
                     if batch.column("fatal").null_count < batch.num_rows:
                         i = batch.column("fatal").is_valid().to_pylist().index(True)
                         raise ActorFailure(batch.column("fatal")[i].as_py(), batch.column("fatal_code")[i].as_py())
@@ -633,6 +634,11 @@ def run(inputs: list[Input], output_dir: Path, load: LoadOptions, fill: FillOpti
                 raise
             except Exception as e:
                 raise _from_ray(e) from e
+            finally:  # stop Ray Data's executor now, not while Ray shuts down under it
+                try:
+                    batches.close()
+                except Exception:  # noqa: BLE001 - the run's own error, if any, is the one to report
+                    pass
         writer.finish()
         return writer.counts
     except BaseException as e:
