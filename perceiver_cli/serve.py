@@ -26,7 +26,8 @@ with Retry-After. Each text's computation is independent of the others in its ba
 log-probabilities within float noise). If a merged batch fails as a whole (a float16
 overflow), its items are run again one by one, so only the request that caused it fails.
 Each request may take at most `max_inputs` model inputs (counted per forward pass by
-`_Watched`; a batch of several requests gets the sum, and over it each is run alone), and
+`_Watched`; a batch of several requests that takes more is run again one request at a
+time, so a request fails exactly when it needs more alone), and
 `body_timeout_s` seconds to send its body. A client that hangs up marks its work as gone: the worker skips it, or stops a batch
 whose clients have all gone before its next forward pass (`_Watched`); a second SIGINT or
 SIGTERM stops the running work the same way and closes the connections (`run`).
@@ -381,11 +382,10 @@ class Batcher:
         self.aborting.set()
         self.close()
 
-    async def submit(self, job: HFJob | FillJob, size: int, gone: Awaitable | None = None):
+    async def submit(self, job: HFJob | FillJob, size: int, gone: Callable[[], Awaitable] | None = None):
         """The job's answer, computed with whatever else is waiting. Raises `QueueFull`.
-        When the awaitable `gone` finishes first (the client hung up), the work is marked
-        as gone, so the worker skips it or stops it between forward passes, and
-        `Cancelled` is raised."""
+        When `gone()` finishes first (the client hung up), the work is marked as gone, so
+        the worker skips it or stops it between forward passes, and `Cancelled` is raised."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -401,7 +401,7 @@ class Batcher:
             self.queue.put_nowait(work)
         except queue.Full:
             raise QueueFull() from None
-        watcher = asyncio.ensure_future(gone) if gone is not None else None
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
         try:
             if watcher is not None:
                 await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -411,6 +411,7 @@ class Batcher:
         finally:
             if not future.done():  # the client has gone, or this request's task was cancelled
                 work.gone.set()
+                future.cancel()  # what the worker still delivers is dropped, never logged
             if watcher is not None:
                 watcher.cancel()
 
@@ -478,7 +479,7 @@ class Batcher:
         if self.aborting.is_set() or all(w.gone.is_set() for w in self.current):
             raise Cancelled("stopped: the client has gone, or the server is stopping")
         self.used += inputs
-        if self.used > self.max_inputs * len(self.current):  # several items: each is then run alone
+        if self.used > self.max_inputs:  # a batch of several requests: each is then run alone, with its own
             raise TooMuchWork(f"the request needs more than {self.max_inputs} model inputs, the server's limit "
                               "(perceiver serve --max-inputs): send fewer texts, or ask for less search "
                               "(a smaller top_k or beam_width, fewer iterative_passes)")
@@ -577,7 +578,7 @@ def build_app(filler, options: ServeOptions) -> Starlette:
 
     async def model_work(request: Request, job, size: int):
         try:
-            return await batcher.submit(job, size, _disconnected(request))
+            return await batcher.submit(job, size, lambda: _disconnected(request))
         except QueueFull:
             raise HTTPError(503, f"the server is busy: {options.queue_size} requests are waiting; retry later",
                             {"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -612,6 +613,9 @@ def build_app(filler, options: ServeOptions) -> Starlette:
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        on_start = getattr(app.state, "on_start", None)
+        if on_start is not None:  # uvicorn's signal handlers are in place by now
+            on_start()
         try:
             yield
         finally:  # the requests in flight are answered by now: let the worker end (at once after `abort`)
@@ -781,11 +785,21 @@ def run(filler, options: ServeOptions, *, announce: Callable[[str], None] | None
                     transport.close()
 
     server = Server(config)
-    if announce is not None:
-        announce(url_of(sock))
-    # uvicorn re-raises the signal that stopped it once it has shut down; with these
-    # handlers in place that is a no-op, so a graceful stop returns normally (exit 0).
-    quiet = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    early: list[int] = []  # signals before uvicorn's handlers were in place
+
+    def on_start() -> None:
+        """Announced once uvicorn handles the signals, so a supervisor that stops the server
+        as soon as it reads the line is heard; a signal that came before is acted on now."""
+        if announce is not None:
+            announce(url_of(sock))
+        for sig in early:
+            server.handle_exit(sig, None)
+
+    app.state.on_start = on_start
+    # Outside uvicorn's handlers a signal is recorded, not lost (nor the default: death); and
+    # uvicorn re-raises the signal that stopped it once it has shut down: a no-op here, so a
+    # graceful stop returns normally (exit 0).
+    quiet = {sig: signal.signal(sig, lambda sig, _: early.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[sock])
     finally:

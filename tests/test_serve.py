@@ -382,6 +382,7 @@ def test_full_queue_answers_503_with_retry_after(tiny_checkpoint, tmp_path):
         assert server.request("POST", "/", {"inputs": "a [MASK]"})[0] == 200  # and it recovers
     finally:
         assert server.stop() == 0
+    assert b"never awaited" not in b"".join(server.stderr)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
@@ -444,10 +445,18 @@ def test_the_work_of_a_client_that_hangs_up_is_dropped(tiny_checkpoint, tmp_path
         assert server.request("POST", "/", {"inputs": "a [MASK]"})[0] == 200
     finally:
         assert server.stop() == 0
+    assert b"Traceback" not in b"".join(server.stderr) and b"never retrieved" not in b"".join(server.stderr)
+
+
+def test_a_signal_as_soon_as_the_server_says_it_serves_stops_it(tiny_checkpoint, tmp_path):
+    server = Server(tiny_checkpoint, tmp_path)  # returns once the "serving ..." line is read
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=30) == 0
+    assert b"".join(server.stderr) == b""
 
 
 def test_a_request_over_the_model_input_limit_is_refused_and_others_go_on(tiny_checkpoint, tmp_path):
-    server = Server(tiny_checkpoint, tmp_path, "--max-inputs", "50")
+    server = Server(tiny_checkpoint, tmp_path, "--max-inputs", "50", "--batch-wait-ms", "300")
     try:
         one_byte_a_pass = {"text": "a [MASK:40] b", "options": {"iterative_passes": None}}  # 40 inputs
         assert server.request("POST", "/v1/fill", one_byte_a_pass)[0] == 200
@@ -456,10 +465,11 @@ def test_a_request_over_the_model_input_limit_is_refused_and_others_go_on(tiny_c
         assert status == 400 and "needs more than 50 model inputs" in answer["error"]
         status, _, _, answer = server.request("POST", "/v1/fill", {"texts": [f"a{i} [MASK:1]" for i in range(60)]})
         assert status == 400 and "--max-inputs" in answer["error"]
-        with ThreadPoolExecutor(2) as pool:  # batched together: only the costly one fails
+        with ThreadPoolExecutor(8) as pool:  # batched together: the costly one cannot spend the others' share
             costly = pool.submit(server.request, "POST", "/v1/fill", wide)
-            cheap = pool.submit(server.request, "POST", "/v1/fill", {**wide, "text": "a [MASK:2] b"})
-            assert costly.result()[0] == 400 and cheap.result()[0] == 200
+            cheap = [pool.submit(server.request, "POST", "/v1/fill", {**wide, "text": f"a{i} [MASK:2] b"})
+                     for i in range(6)]
+            assert costly.result()[0] == 400 and [c.result()[0] for c in cheap] == [200] * 6
         assert server.request("GET", "/info")[3]["max_inputs"] == 50
     finally:
         assert server.stop() == 0
