@@ -366,7 +366,6 @@ class Batcher:
         self.aborting = threading.Event()  # stop at once: the running batch at its next pass, nothing queued
         self.current: list[Work] = []  # the items being computed
         self.used = 0  # model inputs they have taken
-        filler.runner = _Watched(filler.runner, self._check)
         self.thread = threading.Thread(target=self._work, name="perceiver-batcher", daemon=True)
 
     def start(self) -> None:
@@ -487,9 +486,12 @@ class Batcher:
     def _compute(self, items: list[Work]) -> list:
         """The answers of items of one kind (all fill-mask, or all /v1/fill with equal options)."""
         self.current, self.used = items, 0
+        runner = self.filler.runner
+        self.filler.runner = _Watched(runner, self._check)  # the worker alone uses the filler
         try:
             return self._answers(items)
         finally:
+            self.filler.runner = runner
             self.current = []
 
     def _answers(self, items: list[Work]) -> list:
