@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import fields
+from typing import Callable
 
 import torch
 
@@ -76,6 +77,9 @@ class _Runner:
         self.model, self.batch_size = model, batch_size
         self.passes = 0  # forward passes run, for measurements
         self.rows = 0  # texts (windows) those passes ran: the compute spent
+        # Called with a pass's number of inputs before it runs; raising stops the work there
+        # (the server stops work whose client has gone, or that is over its budget).
+        self.before_pass: Callable[[int], None] | None = None
 
     @torch.inference_mode()
     def __call__(self, jobs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
@@ -85,6 +89,8 @@ class _Runner:
         order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0]))  # similar lengths share a batch
         for b in range(0, len(order), self.batch_size):
             chunk = order[b : b + self.batch_size]
+            if self.before_pass is not None:
+                self.before_pass(len(chunk))
             n = max(len(jobs[j][0]) for j in chunk)
             m = max(len(jobs[j][1]) for j in chunk)
             ids = torch.full((len(chunk), n), tokenizer.PAD, dtype=torch.long)

@@ -48,21 +48,21 @@ class Template:
         return b"".join(out)
 
 
-def to_bytes(text: str) -> bytes:
+def to_bytes(text: str, at: int = 0) -> bytes:
     """The text's bytes; `InputError` for a lone surrogate that stands for no byte (one
-    from JSON's `"\\ud800"`: not a character, and nothing a byte-level model can read)."""
+    from JSON's `"\\ud800"`: not a character, and nothing a byte-level model can read),
+    named by its place (`at`: where `text` starts in the whole text)."""
     try:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError as e:
-        raise InputError(f"the text holds a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}: "
-                         "not a character") from None
+        raise InputError(f"the text holds a lone surrogate (U+{ord(text[e.start]):04X}) at character "
+                         f"{at + e.start}: not a character") from None
 
 
 def parse(text: str, mask_token: str = DEFAULT_MASK_TOKEN) -> Template:
     """Split `text` at its markers. Raises `InputError` for malformed markers or none."""
     if not mask_token or mask_token.isspace():
         raise InputError("the mask token must be a non-empty literal")
-    to_bytes(text)  # a lone surrogate fails here, named by its place in the whole text
     if mask_token[-1] in _CLOSERS and len(mask_token) > 1:
         head, close = mask_token[:-1], mask_token[-1]
     else:
@@ -99,13 +99,13 @@ def parse(text: str, mask_token: str = DEFAULT_MASK_TOKEN) -> Template:
             i = text.find(head, after)
             continue
         space = i > literal_start and text[i - 1] == " "
-        pieces.append(to_bytes(text[literal_start : i - 1 if space else i]))
+        pieces.append(to_bytes(text[literal_start : i - 1 if space else i], literal_start))
         spans.append(Span(start=i, length=length, space=space))
         literal_start = end
         i = text.find(head, end)
     if not spans:
         raise InputError(f"no {mask_token} marker in the text: put {mask_token} or {head}:N{close} where bytes are missing")
-    pieces.append(to_bytes(text[literal_start:]))
+    pieces.append(to_bytes(text[literal_start:], literal_start))
     return Template(tuple(pieces), tuple(spans))
 
 

@@ -359,8 +359,8 @@ def expand_inputs(names: list[str], output_dir: Path | None = None) -> list[Inpu
     """The files that `names` name, in order: a file as given; a directory's regular files,
     recursively, sorted by path, hidden names (starting with ".") and links to nowhere
     skipped; a glob pattern (`*`, `?`, `[`, `**`) that is not itself a path, its matches
-    sorted (regular files, and directories as above). A file named twice (the same device and inode) counts once, where it first
-    appears. Files inside `output_dir` are never inputs (a rerun would read its own
+    sorted (regular files, and directories as above). A file named twice (the same device
+    and inode) counts once, where it first appears. Files inside `output_dir` are never inputs (a rerun would read its own
     results): a directory or glob skips them, a file named there is refused. Every file is
     opened here, so an unreadable one is an `InputError` (exit 2) before Ray starts."""
     skip = output_dir.resolve() if output_dir is not None else None
@@ -370,8 +370,9 @@ def expand_inputs(names: list[str], output_dir: Path | None = None) -> list[Inpu
             raise InputError("ray-fill reads files, not standard input: save the lines to a file and name it")
         if not os.path.lexists(name) and glob.has_magic(name):
             matches = sorted(glob.glob(name, recursive=True))
-            files = [f for m in matches for f in (_walk(m, skip) if os.path.isdir(m) else [m] if os.path.isfile(m) else [])
-                     if not _inside(f, skip)]
+            files = [f for m in matches
+                     for f in (_walk(m, skip) if os.path.isdir(m) else [m] if os.path.isfile(m) and not _inside(m, skip)
+                               else [])]
             if not files:
                 raise InputError(f"no file matches {name}" + (" outside --output" if matches else ""))
             found.extend(files)
@@ -714,8 +715,9 @@ def _check_local_resources(have: dict, settings: Settings) -> None:
     for name, key, want in (("cpus_per_actor", "CPU", settings.cpus_per_actor),
                             ("gpus_per_actor", "GPU", settings.gpus_per_actor)):
         if want and want > have.get(key, 0):
-            raise OptionError(name, f"asks for {want:g} {key}{'s' * (want != 1)} per actor, more than the {have.get(key, 0):g} of the "
-                                    "local Ray this run started (give --address for a cluster that has them)")
+            raise OptionError(name, f"asks for {want:g} {key}{'s' * (want != 1)} per actor, more than the "
+                                    f"{have.get(key, 0):g} of the local Ray this run started (give --address for "
+                                    "a cluster that has them)")
 
 
 def _init_ray(ray, settings: Settings) -> None:

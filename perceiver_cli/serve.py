@@ -25,12 +25,13 @@ with Retry-After. Each text's computation is independent of the others in its ba
 (padding is masked), so an answer equals the request's answer alone (fills identical,
 log-probabilities within float noise). If a merged batch fails as a whole (a float16
 overflow), its items are run again one by one, so only the request that caused it fails.
-Each request may take at most `max_inputs` model inputs (counted per forward pass by
-`_Watched`; a batch of several requests that takes more is run again one request at a
-time, so a request fails exactly when it needs more alone), and
-`body_timeout_s` seconds to send its body. A client that hangs up marks its work as gone: the worker skips it, or stops a batch
-whose clients have all gone before its next forward pass (`_Watched`); a second SIGINT or
-SIGTERM stops the running work the same way and closes the connections (`run`).
+Each request may take at most `max_inputs` model inputs (counted before each forward
+pass, `Batcher._check`; a batch of several requests that takes more is run again one
+request at a time, so a request fails exactly when it needs more alone), and
+`body_timeout_s` seconds to send its body. A client that hangs up marks its work as
+gone: the worker skips it, or stops a batch whose clients have all gone before its next
+forward pass; a second SIGINT or SIGTERM stops the running work the same way and closes
+the connections (`run`).
 
 The library never prints: `run` calls `announce` with the address once it listens.
 """
@@ -328,31 +329,6 @@ class Work:
     gone: threading.Event = field(default_factory=threading.Event)  # its client hung up: nobody to answer
 
 
-class _Watched:
-    """The filler's runner, one forward pass (`batch_size` inputs) at a time, calling
-    `check(n)` before a pass of n inputs, which raises to stop the work there: a batch
-    whose clients have all gone, or a server stopping at once (`Cancelled`), or a request
-    over its budget of model inputs (`TooMuchWork`). The inputs are ordered and cut as the
-    runner itself would, so the passes are the same."""
-
-    def __init__(self, runner, check: Callable[[int], None]):
-        self.runner, self.check = runner, check
-
-    @property
-    def batch_size(self) -> int:
-        return self.runner.batch_size
-
-    def __call__(self, jobs):
-        out: list = [None] * len(jobs)
-        order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][0]))
-        for b in range(0, len(order), self.batch_size):
-            chunk = order[b : b + self.batch_size]
-            self.check(len(chunk))
-            for j, logp in zip(chunk, self.runner([jobs[j] for j in chunk])):
-                out[j] = logp
-        return out
-
-
 class Batcher:
     """One queue, one worker thread that owns the model (see the module docstring)."""
 
@@ -474,7 +450,9 @@ class Batcher:
             w.deliver(answer)
 
     def _check(self, inputs: int) -> None:
-        """Before a forward pass of the items being computed (`_Watched`)."""
+        """Before each forward pass of the items being computed (the runner's `before_pass`):
+        raises to stop the work there, `Cancelled` when its clients have all gone or the
+        server stops at once, `TooMuchWork` over the budget of model inputs."""
         if self.aborting.is_set() or all(w.gone.is_set() for w in self.current):
             raise Cancelled("stopped: the client has gone, or the server is stopping")
         self.used += inputs
@@ -486,12 +464,11 @@ class Batcher:
     def _compute(self, items: list[Work]) -> list:
         """The answers of items of one kind (all fill-mask, or all /v1/fill with equal options)."""
         self.current, self.used = items, 0
-        runner = self.filler.runner
-        self.filler.runner = _Watched(runner, self._check)  # the worker alone uses the filler
+        self.filler.runner.before_pass = self._check  # the worker alone uses the filler
         try:
             return self._answers(items)
         finally:
-            self.filler.runner = runner
+            self.filler.runner.before_pass = None
             self.current = []
 
     def _answers(self, items: list[Work]) -> list:
@@ -540,7 +517,7 @@ async def read_json(request: Request, limit: int, timeout: float | None = None) 
     too_big = declared is not None and declared.isdigit() and int(declared) > limit
     body = bytearray()
 
-    async def read() -> bool:
+    async def read() -> None:
         nonlocal too_big
         seen = 0
         async for chunk in request.stream():
@@ -552,7 +529,6 @@ async def read_json(request: Request, limit: int, timeout: float | None = None) 
                     break
                 continue  # read and drop the rest, so the client can read the answer
             body.extend(chunk)
-        return True
 
     try:
         await asyncio.wait_for(read(), timeout)
