@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 from .errors import InputError, PerceiverError
 from .options import FillOptions
-from .results import FillResult, blank_record, error_record, line_record
+from .results import FillResult, blank_record, error_record, json_line, line_record
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -357,10 +357,10 @@ def output_line(o: Outcome, options: FillOptions, as_json: bool) -> bytes:
     line that failed or was blank comes back as it was)."""
     if as_json:
         if o.result is None:
-            return _json(blank_record(o.number, o.line.decode("utf-8", "replace")))
+            return json_line(blank_record(o.number, o.line.decode("utf-8", "replace")))
         if isinstance(o.result, Exception):
-            return _json(error_record(o.number, str(o.result)))
-        return _json(line_record(o.number, o.result, options.top_k, options.explain))
+            return json_line(error_record(o.number, str(o.result)))
+        return json_line(line_record(o.number, o.result, options.top_k, options.explain))
     data = o.line if o.result is None or isinstance(o.result, Exception) else o.result.data
     return data + (o.end or b"\n")
 
@@ -443,10 +443,6 @@ def can_redraw(console: "Console") -> bool:
         return console.is_terminal and bool(console.file.isatty())
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _json(obj: dict) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _size(source: BinaryIO) -> int | None:

@@ -7,7 +7,6 @@ torch is imported only by the commands that run the model, so `--help` and
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ import typer
 import typer.core
 
 from . import __version__, runtime
-from .options import DEVICES, DTYPES, QUANTIZE, STRATEGIES, FillOptions, LoadOptions
+from .options import DEVICES, DTYPES, QUANTIZE, STRATEGIES, FillOptions, LoadOptions, RayOptions
 
 # click's exception classes, whichever click this Typer uses (its own copy or click itself)
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -321,11 +320,13 @@ def _write_document(result, options: FillOptions, *, as_json: bool, from_stdin: 
     top_k, explain = options.top_k, options.explain
     out = _stdout_console()
     if as_json:
-        line = json.dumps(result.to_dict(top_k, explain), ensure_ascii=False)
+        from .results import json_line
+
+        line = json_line(result.to_dict(top_k, explain))
         if out.is_terminal:
-            out.print_json(line, indent=None)  # the same one line, with colour
+            out.print_json(line.decode("utf-8"), indent=None)  # the same one line, with colour
         else:
-            _write_stdout(line.encode("utf-8") + b"\n")
+            _write_stdout(line)
         return
     if not out.is_terminal:
         _write_stdout(result.data if from_stdin else result.data + b"\n")
@@ -479,7 +480,7 @@ def serve(
     with _failures():
         load = LoadOptions(model=model, revision=revision, device=device, dtype=dtype, quantize=quantize, threads=threads,
                            offline=offline, batch_size=batch_size)
-        from .serve import ServeOptions, read_api_key
+        from .options import ServeOptions, read_api_key
 
         given = dict(host=host, port=port, max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue_size=queue_size,
                      max_body_mb=max_body_mb, max_inputs=max_inputs, body_timeout_s=body_timeout_s)
@@ -599,7 +600,7 @@ def ray_fill(
             raise InputError("--quantize int8 runs on the CPU only: leave --gpus-per-actor at 0")
         from . import ray_fill as rf
 
-        settings = rf.Settings(address=address, actors=actors, gpus_per_actor=gpus_per_actor,
+        settings = RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor,
                                cpus_per_actor=cpus_per_actor, quiet_ray=not _debug())
         rf.require_ray()
         found = rf.expand_inputs(inputs, output)

@@ -5,11 +5,9 @@ fraction of the time a model-loading one takes. It speaks HTTP with the standard
 (`http.client`, one kept-alive connection) and holds both ends of the wire format the
 server uses to send exact results:
 
-`result_to_wire` / `result_from_wire`: a `FillResult` as JSON with nothing lost: the bytes
-(filled document, the literal pieces, each fill and candidate) as base64, every float at
-full precision (Python's float repr round-trips). The client rebuilds the very
-`FillResult` the server computed and renders it with the same code as an in-process fill,
-so plain output (raw bytes, invalid UTF-8 included), terminal colours (each byte's
+`results.result_from_wire`: the client rebuilds the very `FillResult` the server computed
+(every byte and float exact) and renders it with the same code as an in-process fill, so
+plain output (raw bytes, invalid UTF-8 included), terminal colours (each byte's
 log-probability) and `--json` (rounded from the same floats) come out the same.
 
 Which server: `--server URL` or `$PERCEIVER_SERVER`; nothing else (no discovery of a local
@@ -19,82 +17,20 @@ wants one: `$PERCEIVER_API_KEY`.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
 from urllib.parse import urlsplit
 
 from .errors import InputError, PerceiverError
-from .options import FillOptions, OptionError
-from .results import Candidate, FillResult, SpanResult
+from .options import API_KEY_ENV, SERVER_ENV, FillOptions, OptionError
+from .results import FillResult, dumps, result_from_wire
 
-SERVER_ENV = "PERCEIVER_SERVER"
-API_KEY_ENV = "PERCEIVER_API_KEY"
 CONNECT_TIMEOUT_S = 10.0
 BUSY_RETRY_S = 120.0  # how long a client keeps retrying a server that answers 503 (busy)
 
 
-# -- the wire format of exact results -----------------------------------------------------
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
-
-
-def result_to_wire(result: FillResult) -> dict:
-    """`result` as JSON-able data with every byte and every float exact."""
-    return {
-        "data": _b64(result.data),
-        "pieces": [_b64(p) for p in result.pieces],
-        "spans": [
-            {
-                "start": s.start,
-                "length": s.length,
-                "data": _b64(s.data),
-                "logprob": s.logprob,
-                "byte_logprobs": list(s.byte_logprobs),
-                "alternatives": [[[b, lp] for b, lp in alts] for alts in s.alternatives],
-                "candidates": [[_b64(c.data), c.logprob] for c in s.candidates],
-                "from_choices": s.from_choices,
-            }
-            for s in result.spans
-        ],
-    }
-
-
-def result_from_wire(d: dict) -> FillResult:
-    """The `FillResult` that `result_to_wire` was given."""
-    spans = [
-        SpanResult(
-            start=s["start"],
-            length=s["length"],
-            data=_unb64(s["data"]),
-            logprob=float(s["logprob"]),
-            byte_logprobs=[float(x) for x in s["byte_logprobs"]],
-            alternatives=[[(int(b), float(lp)) for b, lp in alts] for alts in s["alternatives"]],
-            candidates=[Candidate(_unb64(data), float(lp)) for data, lp in s["candidates"]],
-            from_choices=bool(s.get("from_choices", False)),
-        )
-        for s in d["spans"]
-    ]
-    return FillResult(_unb64(d["data"]), spans, tuple(_unb64(p) for p in d["pieces"]))
-
-
 # -- the client --------------------------------------------------------------------------
-
-
-def _encode(body: dict) -> bytes:
-    """JSON as UTF-8; a text read with surrogateescape (bytes that are not UTF-8) holds lone
-    surrogates, which only ASCII JSON can carry (as \\udcXX escapes the server reads back)."""
-    try:
-        return json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(body).encode("ascii")
 
 
 class ServerError(PerceiverError):
@@ -147,7 +83,7 @@ class Client:
         """The decoded JSON answer of a 2xx; `InputError` for a 400/413 (the request was
         bad: exit 2), `ServerError` for anything else (exit 1). A busy server (503) is
         asked again after its Retry-After, for up to BUSY_RETRY_S."""
-        payload = None if body is None else _encode(body)
+        payload = None if body is None else dumps(body)
         headers = {"Accept": "application/json"}
         if payload is not None:
             headers["Content-Type"] = "application/json"

@@ -12,13 +12,15 @@ defaults from them. Rules that need the model (a `max_span` longer than the mode
 window) are checked by `MaskFiller` against the loaded model.
 
 This module imports no torch: the CLI validates options before the ~2 s torch import,
-and the server's client never imports torch at all.
+and the server's client never imports torch at all. It imports no other module of the
+package but `errors` and `runtime`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
 
 from .errors import InputError
 from .runtime import available_cpus
@@ -36,6 +38,9 @@ MAX_CHOICES = 64  # --choice words per fill
 # byte, that byte masked; chain = left to right, one pass per byte, the bytes after it
 # masked. "-mean": divided by the choice's byte count (its absorbed space not counted).
 CHOICE_SCORES = ("chain", "chain-mean", "pll", "pll-mean", "sum", "sum-mean")
+
+
+INT8_CPU_ONLY = "int8 runs on the CPU only"
 
 
 class OptionError(InputError):
@@ -125,7 +130,7 @@ class LoadOptions(_Options):
         _whole("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         if self.quantize == "int8":
             if self.device not in ("auto", "cpu"):
-                raise OptionError("quantize", "int8 runs on the CPU only: use device cpu")
+                raise OptionError("quantize", f"{INT8_CPU_ONLY}: use device cpu")
             if self.dtype not in ("auto", "float32"):
                 raise OptionError("quantize", "int8 keeps the other products in float32: leave dtype at auto or float32")
 
@@ -221,3 +226,118 @@ class FillOptions(_Options):
         object.__setattr__(self, "choices", tuple(choices))  # hashable (the server groups by options)
         object.__setattr__(self, "choice_score", _choice("choice_score", self.choice_score, CHOICE_SCORES))
 
+
+
+# -- perceiver serve -----------------------------------------------------------------------
+
+API_KEY_ENV = "PERCEIVER_API_KEY"  # the server's key, and the key its clients send
+SERVER_ENV = "PERCEIVER_SERVER"  # the server `perceiver fill` sends its work to
+
+
+@dataclass(frozen=True)
+class ServeOptions(_Options):
+    """How the server listens and batches (`perceiver serve`). Bad values raise `OptionError`
+    (exit 2)."""
+
+    host: str = "127.0.0.1"  # loopback: another address has to be asked for
+    port: int = 8000  # 0: any free port (the announced address says which)
+    max_body_mb: float = 4.0  # request bodies larger than this get 413
+    max_batch: int = 16  # texts gathered into one batch of model work
+    batch_wait_ms: float = 5.0  # how long the worker waits for more requests after the first
+    queue_size: int = 64  # requests waiting for the model; one more gets 503
+    max_inputs: int = 10_000  # model inputs (one window of one text in one pass) one request may take
+    body_timeout_s: float = 60.0  # seconds a client has to send its whole request body; then 408
+    api_key: str | None = field(default=None, repr=False)  # None: no key needed
+
+    def __post_init__(self):
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise OptionError("host", "must be an address to listen on, like 127.0.0.1")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise OptionError("port", f"must be between 0 and 65535 (got {self.port!r})")
+        for name, lo in (("max_body_mb", 0.001), ("batch_wait_ms", 0.0), ("body_timeout_s", 0.001)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= 1e6:
+                raise OptionError(name, f"must be a number of at least {lo} (got {value!r})")
+        for name in ("max_batch", "queue_size", "max_inputs"):
+            _whole(name, getattr(self, name), 1)
+        if self.api_key is not None:
+            check_api_key(self.api_key, "api_key")
+
+    @property
+    def max_body(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
+
+
+def check_api_key(key: str, where: str) -> str:
+    """A key must be printable text without surrounding or only white space; it travels in an
+    HTTP header as UTF-8 (both sides compare its UTF-8 bytes)."""
+    if not isinstance(key, str) or not key.strip():
+        raise OptionError(where, "is blank: an API key must hold printable characters")
+    if key.startswith("\ufeff"):
+        raise OptionError(where, "starts with a byte order mark (BOM): save the key without one")
+    if key != key.strip() or not key.isprintable():
+        raise OptionError(where, "must be printable characters without surrounding white space")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OptionError(where, "holds a lone surrogate: not a character") from None
+    return key
+
+
+def read_api_key(path: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The server's API key: the first line of `path` (--api-key-file), else $PERCEIVER_API_KEY,
+    else None (no key). A key that is set but blank is an `InputError` (a server that was
+    meant to have a key never starts without one)."""
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                line = f.readline()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read --api-key-file {path}: {getattr(e, 'strerror', None) or e}") from None
+        key = line.rstrip("\r\n")
+        if not key.strip():
+            raise InputError(f"--api-key-file {path} is empty: its first line must be the key")
+        return check_api_key(key.strip(" \t"), f"the first line of --api-key-file {path}")
+    return client_api_key(environ)
+
+
+def client_api_key(environ: Mapping[str, str] = os.environ) -> str | None:
+    """$PERCEIVER_API_KEY, checked as the server checks it; None when it is not set."""
+    if API_KEY_ENV not in environ:
+        return None
+    key = environ[API_KEY_ENV]
+    return check_api_key(key.strip(" \t\r\n") if key.strip() else key, API_KEY_ENV)
+
+
+# -- perceiver ray-fill --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RayOptions(_Options):
+    """How `ray-fill` uses Ray (the command's flags)."""
+
+    address: str | None = None  # None: start a local Ray for this run
+    actors: int = 1  # model copies that run at once
+    gpus_per_actor: float = 0  # fractions put several actors on one GPU
+    cpus_per_actor: float | None = None  # None: 1, or on a local Ray its CPUs / actors
+    quiet_ray: bool = True  # keep Ray's own logs off stderr
+
+    def __post_init__(self):
+        _whole("actors", self.actors, 1)
+        for name in ("gpus_per_actor", "cpus_per_actor"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise OptionError(name, f"must be a number, at least 0 (got {value!r})")
+            if value > 1 and value != int(value):
+                raise OptionError(name, f"must be a whole number when above 1 (got {value!r})")
+
+    def check_load(self, load: LoadOptions) -> None:
+        """The rules between Ray's resources and the model's: int8 needs CPU actors."""
+        if load.quantize == "int8" and self.gpus_per_actor:
+            raise OptionError("quantize", f"{INT8_CPU_ONLY}: leave gpus_per_actor at 0")

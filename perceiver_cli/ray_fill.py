@@ -30,7 +30,6 @@ only; the `ray-fill` driver never imports it.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import stat
@@ -41,8 +40,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .batch import CHUNK_BATCHES, MAX_LINE_BYTES, LineReader, open_input
 from .errors import InputError, PerceiverError
-from .options import FillOptions, LoadOptions, OptionError
-from .results import blank_record, error_record, line_record
+from .options import FillOptions, LoadOptions, OptionError, RayOptions
+from .results import blank_record, dumps, error_record, line_record
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -169,7 +168,7 @@ class MaskFill:
             else:
                 record = result.to_dict(top_k, explain)
                 filled.append(record["text"])
-                spans.append(json.dumps(record["spans"], ensure_ascii=False))
+                spans.append(dumps(record["spans"]).decode("utf-8"))
                 errors.append(None)
         if table:  # typed columns: a batch whose texts all failed still has string columns
             import pyarrow as pa
@@ -277,14 +276,9 @@ class RecordFill(MaskFill):
                     else:
                         kind, obj = FILLED, line_record(n, result, self.fill_options.top_k, self.fill_options.explain)
                 kinds.append(kind)
-                records.append(_json(obj))
+                records.append(dumps(obj))
             start = end
         return kinds, records
-
-
-def _json(obj: dict) -> bytes:
-    """One JSON object, as batch mode writes it (without the newline)."""
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogateescape")
 
 
 # -- Python helper for Ray users ----------------------------------------------------------------
@@ -309,7 +303,7 @@ def fill_dataset(ds, load: LoadOptions | dict | str | None = None, fill: FillOpt
 
     load = _load_options(load)
     fill = _fill_options(fill)
-    _check_resources(actors, gpus_per_actor, cpus_per_actor)
+    RayOptions(actors=actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)  # validates
     if load.quantize == "int8" and gpus_per_actor:
         raise OptionError("quantize", "int8 runs on the CPU only: use no GPUs per actor")
     cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
@@ -329,18 +323,6 @@ def fill_dataset(ds, load: LoadOptions | dict | str | None = None, fill: FillOpt
         num_gpus=gpus_per_actor,
         **map_batches_args,
     )
-
-
-def _check_resources(actors: Any, gpus: Any, cpus: Any) -> None:
-    if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
-        raise OptionError("actors", f"must be a whole number, at least 1 (got {actors!r})")
-    for name, value in (("gpus_per_actor", gpus), ("cpus_per_actor", cpus)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
-            raise OptionError(name, f"must be a number, at least 0 (got {value!r})")
-        if value > 1 and value != int(value):
-            raise OptionError(name, f"must be a whole number when above 1 (got {value!r})")
 
 
 # -- perceiver ray-fill: inputs ------------------------------------------------------------------
@@ -474,20 +456,6 @@ class Counts:
 
 
 @dataclass
-class Settings:
-    """How `ray-fill` uses Ray (the command's flags)."""
-
-    address: str | None = None  # None: start a local Ray for this run
-    actors: int = 1
-    gpus_per_actor: float = 0
-    cpus_per_actor: float | None = None  # None: 1, or on a local Ray its CPUs / actors
-    quiet_ray: bool = True  # keep Ray's own logs off stderr
-
-    def __post_init__(self):
-        _check_resources(self.actors, self.gpus_per_actor, self.cpus_per_actor)
-
-
-@dataclass
 class _Writer:
     """Writes each input's records to `DIR/<its output name>` in input order, checking that
     every line of every file comes exactly once. A file is written as `.NAME.partial` and
@@ -527,7 +495,7 @@ class _Writer:
                                  f"(expected line {self.expected} of {self.inputs[self.index].path})")
         if self.handle is None:
             self._open()
-        prefix = b'{"file": ' + _json(self.inputs[file].path) + b", "
+        prefix = b'{"file": ' + dumps(self.inputs[file].path) + b", "
         self.handle.write(prefix + record[1:] + b"\n")
         self.expected += 1
         if kind == FILLED:
@@ -555,7 +523,7 @@ class _Writer:
                 pass
 
 
-def run(inputs: list[Input], output_dir: Path, load: LoadOptions, fill: FillOptions, settings: Settings, *,
+def run(inputs: list[Input], output_dir: Path, load: LoadOptions, fill: FillOptions, settings: RayOptions, *,
         stderr: "Console | None" = None, worker: type = RecordFill) -> Counts:
     """Fill every line of `inputs` on Ray into one JSON Lines file per input in
     `output_dir`; returns the counts. Uses the Ray this process is already connected to,
@@ -710,7 +678,7 @@ class _QuietNative:
                 pass
 
 
-def _check_local_resources(have: dict, settings: Settings) -> None:
+def _check_local_resources(have: dict, settings: RayOptions) -> None:
     """An actor that asks for more than the local Ray has would wait for it forever."""
     for name, key, want in (("cpus_per_actor", "CPU", settings.cpus_per_actor),
                             ("gpus_per_actor", "GPU", settings.gpus_per_actor)):
@@ -720,7 +688,7 @@ def _check_local_resources(have: dict, settings: Settings) -> None:
                                     "a cluster that has them)")
 
 
-def _init_ray(ray, settings: Settings) -> None:
+def _init_ray(ray, settings: RayOptions) -> None:
     quiet = settings.quiet_ray
     if quiet:
         for name in ("ray", "ray.data"):

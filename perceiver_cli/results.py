@@ -1,4 +1,6 @@
-"""What a fill returns, and its one JSON format (`perceiver fill --json`, batch mode, the server).
+"""What a fill returns, and its one wire format: every record and request/response body of
+`perceiver fill --json`, batch mode, ray-fill, the server and its client is built and
+JSON-encoded here (`dumps`), with one policy for text that is not UTF-8.
 
     {"text": "<filled text>",
      "spans": [{"start": <char offset of the marker in the input>, "length": <bytes>,
@@ -18,15 +20,40 @@ default, `sum-mean`, the mean over its bytes, an absorbed space not counted, of 
 byte's log-probability in one pass with the whole span masked), and the span's `logprob` is the sum
 of its `byte_logprobs` under that rule's passes.
 
-This module imports no torch: results travel to places (a server's client) that never load
-the model.
+One encoder, one surrogate policy (`dumps`): JSON as UTF-8 with non-ASCII characters kept,
+and a lone surrogate (a text read with surrogateescape holds `\\udc80`-`\\udcff` for each
+byte that is not UTF-8; an error message may quote one) written as its `\\uXXXX` escape,
+so every record is valid UTF-8 JSON and reads back (json.loads, then
+.encode("utf-8", "surrogateescape")) to the very bytes it was made from.
+
+The exact wire format (`result_to_wire` / `result_from_wire`): a `FillResult` as JSON with
+nothing lost, for the server's answers to its own client (`"detail": true`): the bytes
+(filled document, the literal pieces, each fill and candidate) as base64, every float at
+full precision (Python's float repr round-trips). The client rebuilds the very
+`FillResult` the server computed and renders it with the same code as an in-process fill.
+
+This module imports no torch and no other module of the package: results travel to places
+(a server's client) that never load the model.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 ROUND = 6  # decimals of log-probabilities in JSON
+
+
+def dumps(obj: Any) -> bytes:
+    """`obj` as one line of UTF-8 JSON (no newline); lone surrogates as `\\uXXXX` escapes."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def json_line(obj: Any) -> bytes:
+    """`dumps(obj)` and a newline: one record of a JSON Lines file."""
+    return dumps(obj) + b"\n"
 
 
 @dataclass
@@ -100,3 +127,59 @@ def error_record(n: int, message: str) -> dict:
 def blank_record(n: int, text: str) -> dict:
     """Batch mode's object for a blank input line: passed through, nothing to fill."""
     return {"line": n, "text": text, "spans": []}
+
+
+def file_record(file: str, record: dict) -> dict:
+    """ray-fill's object: batch mode's record for a line of `file`, with `"file"` first."""
+    return {"file": file, **record}
+
+
+# -- the exact wire format ------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def result_to_wire(result: FillResult) -> dict:
+    """`result` as JSON-able data with every byte and every float exact."""
+    return {
+        "data": _b64(result.data),
+        "pieces": [_b64(p) for p in result.pieces],
+        "spans": [
+            {
+                "start": s.start,
+                "length": s.length,
+                "data": _b64(s.data),
+                "logprob": s.logprob,
+                "byte_logprobs": list(s.byte_logprobs),
+                "alternatives": [[[b, lp] for b, lp in alts] for alts in s.alternatives],
+                "candidates": [[_b64(c.data), c.logprob] for c in s.candidates],
+                "from_choices": s.from_choices,
+            }
+            for s in result.spans
+        ],
+    }
+
+
+def result_from_wire(d: dict) -> FillResult:
+    """The `FillResult` that `result_to_wire` was given (KeyError, TypeError or ValueError
+    for data of another shape)."""
+    spans = [
+        SpanResult(
+            start=s["start"],
+            length=s["length"],
+            data=_unb64(s["data"]),
+            logprob=float(s["logprob"]),
+            byte_logprobs=[float(x) for x in s["byte_logprobs"]],
+            alternatives=[[(int(b), float(lp)) for b, lp in alts] for alts in s["alternatives"]],
+            candidates=[Candidate(_unb64(data), float(lp)) for data, lp in s["candidates"]],
+            from_choices=bool(s.get("from_choices", False)),
+        )
+        for s in d["spans"]
+    ]
+    return FillResult(_unb64(d["data"]), spans, tuple(_unb64(p) for p in d["pieces"]))

@@ -59,63 +59,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import __version__, tokenizer
-from .client import result_to_wire
 from .errors import InputError, PerceiverError
-from .options import FillOptions, OptionError
+from .options import FillOptions, OptionError, ServeOptions
+from .results import dumps, result_to_wire
 
-DEFAULT_HOST = "127.0.0.1"  # loopback: another address has to be asked for
-DEFAULT_PORT = 8000
-DEFAULT_MAX_BODY_MB = 4.0  # request bodies larger than this get 413
-DEFAULT_MAX_BATCH = 16  # texts gathered into one batch of model work
-DEFAULT_BATCH_WAIT_MS = 5.0  # how long the worker waits for more requests after the first
-DEFAULT_QUEUE_SIZE = 64  # requests waiting for the model; one more gets 503
-DEFAULT_MAX_INPUTS = 10_000  # model inputs (one window of one text in one pass) one request may take
-DEFAULT_BODY_TIMEOUT_S = 60.0  # seconds a client has to send its whole request body; then 408
 RETRY_AFTER_S = 1
 DRAIN_LIMIT = 64 << 20  # bytes of an oversized body read (and dropped) so the 413 reaches the client
 HF_TOP_K = 5  # the fill-mask pipeline's default
 MAX_HF_ANSWER = 8 << 20  # bytes a fill-mask answer may take (masks x top_k candidates, each the whole sequence)
-API_KEY_ENV = "PERCEIVER_API_KEY"
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """How the server listens and batches. Bad values raise `OptionError` (exit 2)."""
-
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT  # 0: any free port (the announced address says which)
-    max_body_mb: float = DEFAULT_MAX_BODY_MB
-    max_batch: int = DEFAULT_MAX_BATCH
-    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    max_inputs: int = DEFAULT_MAX_INPUTS
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
-    api_key: str | None = field(default=None, repr=False)  # None: no key needed
-
-    def __post_init__(self):
-        if not isinstance(self.host, str) or not self.host.strip():
-            raise OptionError("host", "must be an address to listen on, like 127.0.0.1")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise OptionError("port", f"must be between 0 and 65535 (got {self.port!r})")
-        for name, lo in (("max_body_mb", 0.001), ("batch_wait_ms", 0.0), ("body_timeout_s", 0.001)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= 1e6:
-                raise OptionError(name, f"must be a number of at least {lo} (got {value!r})")
-        for name in ("max_batch", "queue_size", "max_inputs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise OptionError(name, f"must be a whole number of at least 1 (got {value!r})")
-        if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()
-                                         or not self.api_key.isprintable()):
-            raise OptionError("api_key", "must be a non-empty printable string without surrounding spaces")
-
-    @property
-    def max_body(self) -> int:
-        return int(self.max_body_mb * (1 << 20))
-
-    @property
-    def loopback(self) -> bool:
-        return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
 
 # -- the Hugging Face fill-mask task ---------------------------------------------------
@@ -231,7 +182,7 @@ def hf_job(body: Any, window: int) -> HFJob:
     if len(ids) > window:
         raise InputError(f'"inputs" is {len(ids)} tokens with [CLS] and [SEP]: the model takes at most {window}')
     # Each candidate repeats the whole sequence (other masks and specials spelt out): bound the answer.
-    per_candidate = len(_dumps(hf_decode(ids))) + 100
+    per_candidate = len(dumps(hf_decode(ids))) + 100
     candidates = len(positions) * min(top_k, len(targets) if targets is not None else 256 + tokenizer.NUM_SPECIAL)
     if candidates * per_candidate > MAX_HF_ANSWER:
         raise InputError(f"the answer would hold {candidates} candidates of about {per_candidate} bytes each, "
@@ -333,7 +284,7 @@ class Batcher:
     """One queue, one worker thread that owns the model (see the module docstring)."""
 
     def __init__(self, filler, *, max_batch: int, batch_wait: float, queue_size: int,
-                 max_inputs: int = DEFAULT_MAX_INPUTS):
+                 max_inputs: int = ServeOptions.max_inputs):
         self.filler = filler
         self.max_batch, self.batch_wait, self.max_inputs = max_batch, batch_wait, max_inputs
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -493,17 +444,8 @@ class HTTPError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-def _dumps(obj: Any) -> bytes:
-    """One line of JSON. A text with bytes that are not UTF-8 (read with surrogateescape)
-    can put lone surrogates in an error message: those are written as \\udcXX escapes."""
-    try:
-        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(obj).encode("ascii")
-
-
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(_dumps(obj), status_code=status, headers=headers, media_type="application/json")
+    return Response(dumps(obj), status_code=status, headers=headers, media_type="application/json")
 
 
 def error_response(status: int, message: str, headers: dict | None = None, **extra) -> Response:
@@ -786,19 +728,4 @@ def run(filler, options: ServeOptions, *, announce: Callable[[str], None] | None
         sock.close()
 
 
-def read_api_key(path: str | None, environ: dict) -> str | None:
-    """The API key: the first line of `path` (--api-key-file), else $PERCEIVER_API_KEY."""
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                key = f.readline().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read --api-key-file {path}: {getattr(e, 'strerror', None) or e}") from None
-        if not key:
-            raise InputError(f"--api-key-file {path} is empty: its first line must be the key")
-        return key
-    key = environ.get(API_KEY_ENV, "").strip()
-    return key or None
-
-
-__all__ = ["ServeOptions", "build_app", "run", "hf_encode", "hf_decode", "hf_target_ids", "read_api_key"]
+__all__ = ["ServeOptions", "build_app", "run", "hf_encode", "hf_decode", "hf_target_ids"]

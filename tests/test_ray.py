@@ -21,7 +21,7 @@ from typer.testing import CliRunner  # noqa: E402
 from perceiver_cli import ray_fill as rf  # noqa: E402
 from perceiver_cli.cli import app  # noqa: E402
 from perceiver_cli.filler import MaskFiller  # noqa: E402
-from perceiver_cli.options import FillOptions, LoadOptions  # noqa: E402
+from perceiver_cli.options import FillOptions, LoadOptions, RayOptions  # noqa: E402
 
 from .conftest import perceiver, process_env, read_pty  # noqa: E402
 
@@ -319,7 +319,7 @@ def test_an_actor_that_dies_is_restarted_and_its_batch_redone(cluster, tiny_chec
     out = tmp_path / "out"
     out.mkdir()
     counts = rf.run(inputs, out, LoadOptions(model=str(tiny_checkpoint), batch_size=int(BATCH)), FillOptions(),
-                    rf.Settings(actors=2), worker=crash_once_class(flag))
+                    RayOptions(actors=2), worker=crash_once_class(flag))
     assert flag.exists()  # the actor did die, in the middle of the run
     assert (counts.filled, counts.failed, counts.blank, counts.files) == (53, 0, 0, 2)
     check_against_batch(tiny_checkpoint, read_output(out), [(str(a), a), (str(b), b)])
