@@ -227,6 +227,23 @@ class FillOptions(_Options):
         object.__setattr__(self, "choice_score", _choice("choice_score", self.choice_score, CHOICE_SCORES))
 
 
+@dataclass(frozen=True)
+class Budget(_Options):
+    """What one text's fill may cost, estimated from what it asks before anything is built
+    (budget.py). Over a limit the text is refused with `OverBudget` (an `InputError`: exit 2,
+    a 400) naming the option to turn. The defaults let any document of ordinary size be
+    filled with any strategy, and refuse requests that would take gigabytes or hours."""
+
+    max_inputs: int = 10_000  # model inputs (a window in one pass); ~1 s each on the full model's CPU
+    max_search: int = 2_000  # millions of scores the search handles outside the passes (~1 s per 500)
+    max_memory_mb: int = 2_048  # estimated peak memory; texts of one call are filled in groups under it
+    max_answer_mb: int = 64  # estimated size of the text's answer in JSON (explain, candidates, choices)
+
+    def __post_init__(self):
+        for f in fields(self):
+            _whole(f.name, getattr(self, f.name), 1)
+
+
 
 # -- perceiver serve -----------------------------------------------------------------------
 
@@ -327,7 +344,8 @@ class RayOptions(_Options):
     quiet_ray: bool = True  # keep Ray's own logs off stderr
 
     def __post_init__(self):
-        _whole("actors", self.actors, 1)
+        if isinstance(self.actors, bool) or not isinstance(self.actors, int) or self.actors < 1:
+            raise OptionError("actors", f"must be a whole number, at least 1 (got {self.actors!r})")
         for name in ("gpus_per_actor", "cpus_per_actor"):
             value = getattr(self, name)
             if value is None:
