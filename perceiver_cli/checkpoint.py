@@ -11,6 +11,9 @@ and the weights are assigned in place (`load_state_dict(..., assign=True)`).
 
 Names are translated by one explicit table (`reference_name`); loading checks that every
 checkpoint tensor is used, every shape matches and every dtype is a float one.
+
+A Hub repo with only a pytorch_model.bin is converted once to safetensors (`BinCopy`,
+which hub.py calls with the files it found or fetched); every later load is memory-mapped.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,6 +35,7 @@ from .layout import (  # noqa: F401  (weights_file: part of this module's API)
     SAFETENSORS_FILE,
     not_a_checkpoint,
     safetensors_header,
+    safetensors_problem,
     short_error,
     weights_file,
     write_atomically,
@@ -234,6 +240,48 @@ def convert_bin(bin_path: Path, config_path: Path, directory: Path, source: str)
     except Exception as e:  # OSError, or safetensors' own error for a full disk
         raise CheckpointError(f"cannot write the safetensors copy of {BIN_FILE} to {directory}: {short_error(e)}") from None
     return weights
+
+
+@dataclass(frozen=True)
+class BinCopy:
+    """The safetensors copy of a Hub repo's pytorch_model.bin at one commit, converted once
+    (`convert_bin`) into `directory`, so that every later load is memory-mapped. hub.py
+    finds and fetches the files and picks the folder (beside the cache's snapshots); this
+    says whether a copy will do, converts, and has a .bin that cannot be read fetched once
+    more through the function hub.py hands it."""
+
+    repo_id: str
+    commit: str
+    directory: Path  # config.json + model.safetensors
+
+    @property
+    def weights(self) -> Path:
+        return self.directory / SAFETENSORS_FILE
+
+    def whole(self) -> bool:
+        """A copy is there and whole; False (absent, or cut off): convert again."""
+        return (self.directory / CONFIG_FILE).is_file() and self.weights.is_file() and safetensors_problem(self.weights) is None
+
+    def convert(self, config: Path, bin_path: Path) -> Path:
+        """Write the copy from `bin_path` and the repo's `config`. Raises UnreadableWeights for
+        a .bin that is not plain tensors (hub.py notes a cached one as corrupted)."""
+        return convert_bin(bin_path, config, self.directory, source=f"{self.repo_id}@{self.commit}/{BIN_FILE}")
+
+    def convert_download(self, config: Path, bin_path: Path, refetch: Callable[[], Path] | None) -> Path:
+        """`convert` a .bin fetched from the Hub. One that cannot be read is fetched again with
+        `refetch` when there is one (the .bin came from the cache, where it may have gone bad)
+        and converted once more; a .bin downloaded whole (its size checked) that cannot be read
+        is bad in itself. Either way a CheckpointError names the repo and the commit."""
+        while True:
+            try:
+                return self.convert(config, bin_path)
+            except UnreadableWeights as e:
+                if refetch is None:
+                    raise CheckpointError(
+                        f"{BIN_FILE} of {self.repo_id} at commit {self.commit[:12]} cannot be read as plain tensors"
+                        f" (torch.load weights_only=True): {e.reason}"
+                    ) from None
+            bin_path, refetch = refetch(), None
 
 
 def save_reference(model: PerceiverMaskedLM, directory: str | Path) -> None:

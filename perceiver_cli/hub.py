@@ -7,7 +7,7 @@ with `huggingface_hub.hf_hub_download`:
 
 1. `config.json` at the revision (default `main`); its snapshot folder names the commit.
 2. `model.safetensors` at that commit, or, when the repo has none, `pytorch_model.bin`,
-   converted once (`checkpoint.convert_bin`) into `<cache>/models--<org>--<name>/
+   converted once (`checkpoint.BinCopy`) into `<cache>/models--<org>--<name>/
    perceiver-safetensors/<commit>/`, so that every later load is memory-mapped.
    (huggingface_hub's cache tools ignore that folder; deleting the repo's folder deletes it.)
 
@@ -31,6 +31,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, InputError
 from .layout import (  # noqa: F401  (the names tests and callers import from here)
@@ -46,6 +47,9 @@ from .layout import (  # noqa: F401  (the names tests and callers import from he
     short_error,
     weights_file,
 )
+
+if TYPE_CHECKING:
+    from .checkpoint import BinCopy  # imported when needed: it imports torch
 
 
 @dataclass(frozen=True)
@@ -236,15 +240,16 @@ class _Repo:
             if self._is_bad(SAFETENSORS_FILE, weights, safetensors_problem(weights)):
                 return None
             return self._found(config.parent, weights, commit)
-        converted = self._converted(commit)
-        if converted is not None:
-            return converted
+        copy = self._bin_copy(commit)
+        if copy.whole():
+            return self._copied(copy)
         weights = self.cached(BIN_FILE, commit)
         if weights is not None:
             from .checkpoint import UnreadableWeights
 
             try:
-                return self._convert(config, weights, commit)
+                copy.convert(config, weights)
+                return self._copied(copy)
             except UnreadableWeights as e:
                 self._is_bad(BIN_FILE, weights, e.reason)
         return None
@@ -280,19 +285,15 @@ class _Repo:
         self.refetch.add(filename)
         return True
 
-    def _converted(self, commit: str) -> ResolvedModel | None:
-        directory = self.folder / CONVERTED_DIR / commit
-        weights = directory / SAFETENSORS_FILE
-        if (directory / CONFIG_FILE).is_file() and weights.is_file() and safetensors_problem(weights) is None:
-            return self._found(directory, weights, commit, converted=True)
-        return None  # absent or bad: convert again from pytorch_model.bin
+    def _bin_copy(self, commit: str) -> BinCopy:
+        """The safetensors copy of the repo's pytorch_model.bin at `commit` (checkpoint.py
+        converts; its folder is beside the snapshots)."""
+        from .checkpoint import BinCopy
 
-    def _convert(self, config: Path, bin_path: Path, commit: str) -> ResolvedModel:
-        from .checkpoint import convert_bin
+        return BinCopy(self.repo_id, commit, self.folder / CONVERTED_DIR / commit)
 
-        directory = self.folder / CONVERTED_DIR / commit
-        weights = convert_bin(bin_path, config, directory, source=f"{self.repo_id}@{commit}/{BIN_FILE}")
-        return self._found(directory, weights, commit, converted=True)
+    def _copied(self, copy: BinCopy) -> ResolvedModel:
+        return self._found(copy.directory, copy.weights, copy.commit, converted=True)
 
     def _found(self, directory: Path, weights: Path, commit: str, converted: bool = False) -> ResolvedModel:
         return ResolvedModel(self.repo_id, directory, weights, self.repo_id, self.revision, commit, converted)
@@ -302,8 +303,6 @@ class _Repo:
     def download(self) -> ResolvedModel:
         """Fetch what the cache lacks (or holds corrupted) and return the checkpoint."""
         from huggingface_hub.errors import EntryNotFoundError
-
-        from .checkpoint import UnreadableWeights
 
         if not self._reachable():
             found = self.from_cache()  # `update` went online first: the cache will do
@@ -325,9 +324,9 @@ class _Repo:
                     f" ({problem})"
                 )
             return self._found(config.parent, weights, commit)
-        converted = self._converted(commit)
-        if converted is not None:
-            return converted
+        copy = self._bin_copy(commit)
+        if copy.whole():
+            return self._copied(copy)
         was_cached = self.cached(BIN_FILE, commit) is not None
         try:
             weights = self._fetch(BIN_FILE, commit)
@@ -336,22 +335,10 @@ class _Repo:
                 f"{self.repo_id}{self.at} has neither {SAFETENSORS_FILE} nor {BIN_FILE}: no weights to load;"
                 " pick another model or revision"
             ) from None
-        try:
-            return self._convert(config, weights, commit)
-        except UnreadableWeights as e:
-            if not was_cached:  # just downloaded whole (its size was checked): the file itself is bad
-                raise self._bad_bin(commit, e) from None
-        weights = self._fetch(BIN_FILE, commit, force=True)  # cached but corrupted: once more from the Hub
-        try:
-            return self._convert(config, weights, commit)
-        except UnreadableWeights as e:
-            raise self._bad_bin(commit, e) from None
-
-    def _bad_bin(self, commit: str, e) -> CheckpointError:
-        return CheckpointError(
-            f"{BIN_FILE} of {self.repo_id} at commit {commit[:12]} cannot be read as plain tensors"
-            f" (torch.load weights_only=True): {e.reason}"
-        )
+        # a cached .bin that cannot be read may have gone bad in the cache: once more from the Hub
+        refetch = (lambda: self._fetch(BIN_FILE, commit, force=True)) if was_cached else None
+        copy.convert_download(config, weights, refetch)
+        return self._copied(copy)
 
     def _fetch_checked(self, filename: str, revision: str | None, problem_of) -> tuple[Path, str | None]:
         """The file and what is wrong with it; a cached copy gone bad is fetched once more."""
