@@ -28,6 +28,9 @@ TINY = dict(
 # The config.json of deepmind/language-perceiver: our config's defaults (model.py).
 FULL_SIZE = PerceiverConfig().to_dict()
 
+# The small model trained here (scripts/train_small.py): it knows frequent English words.
+SMALL = Path(__file__).parent / "assets" / "perceiver-small"
+
 
 def make_reference(directory: Path, seed: int = 0, safe: bool = True, **config):
     """Save a random `PerceiverForMaskedLM` to `directory`; return the reference model."""
@@ -81,6 +84,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def filler(one_thread):
+    """The library on the shipped small model (tests/assets/perceiver-small), one thread."""
+    from perceiver_cli.checkpoint import load_model
+    from perceiver_cli.filler import MaskFiller
+
+    return MaskFiller(load_model(SMALL), batch_size=64)
+
+
+def invoke(checkpoint: Path, *args: str, stdin: bytes | str | None = None, env: dict | None = None):
+    """`perceiver fill -m CHECKPOINT ARGS` in-process (typer's CliRunner)."""
+    from typer.testing import CliRunner
+
+    from perceiver_cli.cli import app
+
+    return CliRunner().invoke(app, ["fill", "-m", str(checkpoint), *args], input=stdin, env=env, prog_name="perceiver")
+
+
+class RunsCode:
+    """Unpickling this runs a function (it prints "this ran"): what a pytorch_model.bin may
+    hold and `torch.load(weights_only=True)` must refuse."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
 
 
 TERMINAL_VARIABLES = ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS")

@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from perceiver_cli.checkpoint import load_model
+from perceiver_cli.checkpoint import BinCopy, UnreadableWeights, load_model, reference_name
 from perceiver_cli.errors import CheckpointError
 
-from .conftest import TINY, make_reference
+from .conftest import TINY, RunsCode, make_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,11 @@ def test_float16_and_bfloat16_weights_load(tiny_checkpoint, tmp_path):
     state = load_file(directory / "model.safetensors")
     state = {k: v.to(torch.bfloat16 if i % 2 else torch.float16) for i, (k, v) in enumerate(state.items())}
     save_file(state, directory / "model.safetensors")
-    assert load_model(directory).latents.dtype in (torch.float16, torch.bfloat16)
+    loaded = load_model(directory).state_dict()
+    assert {state[reference_name(name)].dtype for name in loaded} == {torch.float16, torch.bfloat16}
+    for name, tensor in loaded.items():  # each tensor as it was saved: its own dtype, its values
+        saved = state[reference_name(name)]
+        assert tensor.dtype == saved.dtype and torch.equal(tensor, saved), name
 
 
 def test_legacy_non_zip_bin_loads_from_a_local_directory(tiny_checkpoint, tmp_path):
@@ -145,18 +149,44 @@ def test_legacy_non_zip_bin_loads_from_a_local_directory(tiny_checkpoint, tmp_pa
         assert torch.equal(a, b), name
 
 
-class _Code:
-    def __reduce__(self):
-        return (print, ("this ran",))
-
-
 def test_local_bin_that_would_run_code_is_refused(tiny_checkpoint, tmp_path, capsys):
     directory = tmp_path / "code"
     directory.mkdir()
     shutil.copy(tiny_checkpoint / "config.json", directory)
-    torch.save({"weight": torch.zeros(2), "payload": _Code()}, directory / "pytorch_model.bin")
+    torch.save({"weight": torch.zeros(2), "payload": RunsCode()}, directory / "pytorch_model.bin")
     assert "could run code" in one_line_error(directory)
     assert "this ran" not in capsys.readouterr().out
+
+
+def test_a_hub_bin_is_converted_once_and_fetched_again_when_unreadable(tiny_checkpoint, tmp_path):
+    config = tiny_checkpoint / "config.json"
+    good, bad = tmp_path / "good.bin", tmp_path / "bad.bin"
+    torch.save(load_file(tiny_checkpoint / "model.safetensors"), good)
+    bad.write_bytes(good.read_bytes()[:100])  # cut off: not a torch file
+    fetched = []
+
+    def refetch():
+        fetched.append(good)
+        return good
+
+    copy = BinCopy("org/bin", "0123456789abcdef0123", tmp_path / "copy")
+    assert not copy.whole()
+    assert copy.convert_download(config, bad, refetch) == copy.weights  # a cached .bin gone bad: once more
+    assert fetched == [good] and copy.whole()
+    converted, expected = load_model(copy.directory).state_dict(), load_model(tiny_checkpoint).state_dict()
+    assert all(torch.equal(converted[name], tensor) for name, tensor in expected.items())
+    copy.weights.write_bytes(copy.weights.read_bytes()[:-1])
+    assert not copy.whole()  # a cut-off copy is converted again
+
+    unreadable = "pytorch_model.bin of org/bin at commit 0123456789ab cannot be read as plain tensors"
+    again = BinCopy("org/bin", "0123456789abcdef0123", tmp_path / "again")
+    with pytest.raises(CheckpointError, match=unreadable):  # downloaded whole: bad in itself, not fetched again
+        again.convert_download(config, bad, None)
+    with pytest.raises(CheckpointError, match=unreadable):  # fetched once more, and still bad
+        again.convert_download(config, bad, lambda: bad)
+    with pytest.raises(UnreadableWeights):  # for hub.py to note a cached .bin as corrupted
+        again.convert(config, bad)
+    assert not again.whole()
 
 
 # -- imports ----------------------------------------------------------------------------------

@@ -7,28 +7,19 @@ passes built here by hand, so a ranking that is off by a position or a byte fail
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from typer.testing import CliRunner
 
 from perceiver_cli import choices
-from perceiver_cli.checkpoint import load_model
-from perceiver_cli.cli import app
 from perceiver_cli.errors import InputError
 from perceiver_cli.filler import MaskFiller
-from perceiver_cli.options import CHOICE_SCORES, MAX_CHOICES, FillOptions, OptionError
+from perceiver_cli.options import CHOICE_SCORES, FillOptions, OptionError
 from perceiver_cli.tokenizer import CLS, MASK, SEP, byte_id, byte_ids
 
-SMALL = Path(__file__).parent / "assets" / "perceiver-small"
+from .conftest import SMALL, invoke
+
 WINDOW = 126  # the small model's bytes per window
-
-
-@pytest.fixture(scope="module")
-def filler() -> MaskFiller:
-    torch.set_num_threads(1)
-    return MaskFiller(load_model(SMALL), batch_size=64)
+ON_CPU = ("--device", "cpu", "--threads", "1")
 
 
 def by_hand(filler: MaskFiller, before: bytes, data: bytes, after: bytes, rule: str) -> float:
@@ -149,34 +140,12 @@ def test_choices_in_many_texts_equal_each_text_alone(filler):
                [(c.data, round(c.logprob, 4)) for s in alone.spans for c in s.candidates]
 
 
-# -- options ------------------------------------------------------------------------------
-
-
-def test_choices_option_rules():
-    assert FillOptions(choices=["a", "b"]).choices == ("a", "b")  # a JSON list becomes a tuple
-    assert FillOptions.from_dict({"choices": ["a", "bb"]}) == FillOptions(choices=("a", "bb"))
-    assert hash(FillOptions(choices=["a"])) == hash(FillOptions(choices=("a",)))  # the server groups by options
-    assert FillOptions(choices="word").choices == ("word",)
-    for bad, fragment in [(("",), "empty"), (("a", "a"), "twice"), ((1,), "list of words"),
-                          (tuple(f"w{i}" for i in range(MAX_CHOICES + 1)), f"at most {MAX_CHOICES}")]:
-        with pytest.raises(OptionError, match=fragment) as e:
-            FillOptions(choices=bad)
-        assert e.value.flag().startswith("--choice ")
-    with pytest.raises(OptionError, match="choice_score must be one of"):
-        FillOptions(choice_score="max")
-
-
 # -- the command line ---------------------------------------------------------------------
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, ["fill", "-m", str(SMALL), "--device", "cpu", "--threads", "1", *args],
-                              prog_name="perceiver")
 
 
 def test_cli_json_lists_every_choice_ranked(filler):
     args = ["--choice", "cat", "--choice", "elephant", "--choice", "a", "--json", "The [MASK] sat on the [MASK]."]
-    result = invoke(*args)
+    result = invoke(SMALL, *ON_CPU, *args)
     assert result.exit_code == 0, result.stderr
     answer = json.loads(result.stdout)
     expected = filler.fill("The [MASK] sat on the [MASK].", choices=("cat", "elephant", "a"))
@@ -191,7 +160,7 @@ def test_cli_json_lists_every_choice_ranked(filler):
         scores = [c["logprob"] for c in span["candidates"]]
         assert scores == sorted(scores, reverse=True)
         assert span["fill"] == span["candidates"][0]["fill"] and span["length"] == len(span["bytes"])
-    plain = invoke(*args[:-2], "The [MASK] sat on the [MASK].")
+    plain = invoke(SMALL, *ON_CPU, *args[:-2], "The [MASK] sat on the [MASK].")
     assert plain.exit_code == 0 and plain.stdout == expected.text + "\n"
 
 
@@ -202,7 +171,7 @@ def test_cli_json_lists_every_choice_ranked(filler):
     (["--choice", "", "The [MASK] sat."], "--choice must not hold an empty word"),
 ])
 def test_cli_bad_choice_is_exit_2_with_one_error_line(args, fragment):
-    result = invoke(*args)
+    result = invoke(SMALL, *ON_CPU, *args)
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr

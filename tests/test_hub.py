@@ -24,7 +24,7 @@ import pytest
 from perceiver_cli.errors import CheckpointError
 from perceiver_cli.hub import CONVERTED_DIR, resolve, safetensors_problem
 
-from .conftest import TINY, make_reference
+from .conftest import TINY, RunsCode, make_reference
 from .hubserver import HubServer, hub  # noqa: F401  (`hub` is a fixture)
 
 TEXT = "Hello [MASK:3] world"
@@ -258,19 +258,12 @@ def test_legacy_non_zip_bin_converts_and_loads_as_from_a_local_directory(hub, ti
         assert torch.equal(via_hub.state_dict()[name], tensor) and torch.equal(local.state_dict()[name], tensor), name
 
 
-class _Code:
-    """Unpickling this runs a function: what `torch.load(weights_only=True)` must refuse."""
-
-    def __reduce__(self):
-        return (os.getpid, ())
-
-
 def test_bin_that_would_run_code_is_refused(hub, tmp_path):
     import torch
 
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "config.json").write_text("{}")
-    torch.save({"weight": torch.zeros(2), "payload": _Code()}, tmp_path / "repo" / "pytorch_model.bin")
+    torch.save({"weight": torch.zeros(2), "payload": RunsCode()}, tmp_path / "repo" / "pytorch_model.bin")
     hub.add("org/code", tmp_path / "repo")
     with pytest.raises(CheckpointError, match="pytorch_model.bin of org/code .* plain tensors .*could run code"):
         resolve("org/code", cache_dir=hub_cache(), endpoint=hub.url)

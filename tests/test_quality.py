@@ -14,20 +14,13 @@ import pytest
 import torch
 
 from perceiver_cli import strategies
-from perceiver_cli.checkpoint import load_model
 from perceiver_cli.filler import MaskFiller
 from perceiver_cli.options import FillOptions
 from perceiver_cli.strategies import Job, search
+from perceiver_cli.tokenizer import CLS, MASK, SEP, byte_id, byte_ids, byte_logp
 
 ASSETS = Path(__file__).parent / "assets"
-SMALL = ASSETS / "perceiver-small"
 FREQUENT = (" the", " of", " to", " and", " a", " is", " in")
-
-
-@pytest.fixture(scope="module")
-def filler() -> MaskFiller:
-    torch.set_num_threads(1)
-    return MaskFiller(load_model(SMALL), batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +112,38 @@ def test_candidates_distinct_and_sorted(filler, strategy):
     assert all(len(c.data) == 5 for c in cands)
 
 
+def path_score(filler: MaskFiller, before: bytes, data: bytes, after: bytes) -> float:
+    """A span's joint score along its own path, by passes built here: one byte per pass,
+    each pass commits the still-masked position the model is surest of (its best byte's
+    log-probability), and `data`'s byte there adds its log-probability in that pass."""
+    p, n = 1 + len(before), len(data)  # [CLS] comes first
+    ids = [CLS, *byte_ids(before), *[MASK] * n, *byte_ids(after), SEP]
+    masked, total = list(range(n)), 0.0
+    while masked:
+        logp = filler.logprobs([(ids, [p + k for k in masked])])[0]
+        row = int(byte_logp(logp).max(-1).values.argmax())
+        k = masked.pop(row)
+        total += float(logp[row, byte_id(data[k])])
+        ids[p + k] = byte_id(data[k])
+    return total
+
+
 def test_joint_candidates_are_not_per_byte_products(filler):
-    # Per-byte top-k recombines bytes of different words; the joint search keeps whole words,
-    # so its candidates score at least as high under their own (sequential) score.
-    result = filler.fill("The function returns [MASK:5] if the list is empty.", strategy="beam", top_k=3)
+    # Per-byte top-k (oneshot's candidates, products of one pass's bytes) recombines bytes
+    # of different words; the joint search ranks whole spans by their own path's score.
+    before, after = b"The function returns", b" if the list is empty."
+    text = f"{before.decode()} [MASK:5]{after.decode()}"
+    result = filler.fill(text, strategy="beam", top_k=3)
     assert all(c.data.startswith(b" ") for c in result.spans[0].candidates)
+    joint = filler.fill(text, strategy="beam", top_k=3, iterative_passes=None).spans[0].candidates  # a byte a pass
+    products = filler.fill(text, strategy="oneshot", top_k=3).spans[0].candidates
+    for c in joint:  # each candidate's logprob: the sum of its bytes' log-probabilities along its own path
+        assert c.logprob == pytest.approx(path_score(filler, before, c.data, after), abs=1e-4), c.data
+    assert joint[0].data == b" None"  # a whole word
+    assert not {c.data for c in joint} & {c.data for c in products}  # the two rankings disagree entirely
+    # each per-byte product scores below every joint candidate along its own path: its
+    # bytes are likely one by one, not together
+    assert max(path_score(filler, before, c.data, after) for c in products) < min(c.logprob for c in joint)
 
 
 def test_iterative_feeds_bytes_back():

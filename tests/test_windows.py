@@ -21,7 +21,8 @@ MAX_POSITIONS = 34  # a window of 32 bytes
 
 
 @pytest.fixture(scope="module")
-def filler() -> MaskFiller:
+def window_filler() -> MaskFiller:
+    """A random model whose window holds 32 bytes: the layouts depend on its window only."""
     cfg = PerceiverConfig(num_latents=4, d_latents=16, d_model=8, num_self_attends_per_block=1,
                           num_self_attention_heads=2, num_cross_attention_heads=2, qk_channels=8, v_channels=16,
                           max_position_embeddings=MAX_POSITIONS)
@@ -62,35 +63,35 @@ def check_windows(filler: MaskFiller, text: str, lengths: list[int]):
     return jobs
 
 
-def test_a_document_that_fits_is_one_window_holding_all_of_it(filler):
-    jobs = check_windows(filler, "ab [MASK:3] cd [MASK:2] e", [3, 2])
+def test_a_document_that_fits_is_one_window_holding_all_of_it(window_filler):
+    jobs = check_windows(window_filler, "ab [MASK:3] cd [MASK:2] e", [3, 2])
     assert len(jobs) == 1 and len(jobs[0].ids) == len(b"ab") + 3 + len(b" cd") + 2 + len(b" e") + 2
 
 
-def test_far_apart_spans_get_windows_of_their_own_centred_on_them(filler):
+def test_far_apart_spans_get_windows_of_their_own_centred_on_them(window_filler):
     text = document(100, 1) + " [MASK:4] " + document(100, 2) + " [MASK:4] " + document(100, 3)
-    jobs = check_windows(filler, text, [4, 4])
+    jobs = check_windows(window_filler, text, [4, 4])
     assert len(jobs) == 2
     for job in jobs:
         (pos, n), = job.spans
-        before, after = pos - 1, filler.window - (pos - 1 + n)
+        before, after = pos - 1, window_filler.window - (pos - 1 + n)
         assert abs(before - after) <= 1  # as much context on each side
 
 
-def test_nearby_spans_share_a_window(filler):
+def test_nearby_spans_share_a_window(window_filler):
     text = document(60, 4) + " [MASK:3] ab [MASK:3] " + document(60, 5)
-    jobs = check_windows(filler, text, [3, 3])
+    jobs = check_windows(window_filler, text, [3, 3])
     assert len(jobs) == 1 and jobs[0].targets == [0, 1]
 
 
-def test_a_span_at_the_very_start_or_end_gets_the_context_on_its_one_side(filler):
+def test_a_span_at_the_very_start_or_end_gets_the_context_on_its_one_side(window_filler):
     text = "[MASK:2]" + document(200, 6) + " [MASK:5]"
-    jobs = check_windows(filler, text, [2, 5])
-    assert [job.spans[0][0] for job in jobs] == [1, filler.window - 5 + 1]
+    jobs = check_windows(window_filler, text, [2, 5])
+    assert [job.spans[0][0] for job in jobs] == [1, window_filler.window - 5 + 1]
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_random_documents_and_spans(filler, seed):
+def test_random_documents_and_spans(window_filler, seed):
     rng = random.Random(seed)
     parts, lengths = [], []
     for _ in range(rng.randint(1, 6)):
@@ -99,7 +100,7 @@ def test_random_documents_and_spans(filler, seed):
         parts.append(f"[MASK:{n}]")
         lengths.append(n)
     parts.append(document(rng.randint(0, 80), seed))
-    check_windows(filler, "".join(parts), lengths)
+    check_windows(window_filler, "".join(parts), lengths)
 
 
 @pytest.mark.parametrize("seed", range(8))
