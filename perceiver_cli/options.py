@@ -19,6 +19,7 @@ package but `errors` and `runtime`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
@@ -265,8 +266,20 @@ class ServeOptions(_Options):
     max_inputs: int = 10_000  # model inputs (one window of one text in one pass) one request may take
     body_timeout_s: float = 60.0  # seconds a client has to send its whole request body; then 408
     api_key: str | None = field(default=None, repr=False)  # None: no key needed
+    access_log: bool = True  # one line per request on stderr (observe.py)
+    log_format: str = "text"  # the access log's lines: text, or json (one object a line)
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the server ("*": any); none by default
 
     def __post_init__(self):
+        if not isinstance(self.access_log, bool):
+            raise OptionError("access_log", f"must be true or false (got {self.access_log!r})")
+        object.__setattr__(self, "log_format", _choice("log_format", self.log_format, LOG_FORMATS))
+        origins = (self.cors_origins,) if isinstance(self.cors_origins, str) else self.cors_origins
+        if not isinstance(origins, (list, tuple)):
+            raise OptionError("cors_origin", f"must be a list of origins (got {origins!r})")
+        for origin in origins:
+            check_origin(origin)
+        object.__setattr__(self, "cors_origins", tuple(origins))
         if not isinstance(self.host, str) or not self.host.strip():
             raise OptionError("host", "must be an address to listen on, like 127.0.0.1")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -287,6 +300,19 @@ class ServeOptions(_Options):
     @property
     def loopback(self) -> bool:
         return self.host in ("localhost", "::1") or self.host.startswith("127.")
+
+
+LOG_FORMATS = ("text", "json")
+_ORIGIN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def check_origin(origin: Any) -> str:
+    """A CORS origin is `*` or scheme://host[:port], as a browser sends it in `Origin`
+    (no path, no trailing slash)."""
+    if origin != "*" and not (isinstance(origin, str) and _ORIGIN.fullmatch(origin)):
+        raise OptionError("cors_origin", f"must be * or an origin like https://example.org or "
+                                         f"http://localhost:3000, without a path (got {origin!r})")
+    return origin
 
 
 def check_api_key(key: str, where: str) -> str:
