@@ -196,7 +196,7 @@ def test_scores_of_items_equal_the_filler(filler):
 
 
 def test_native_server_endpoint_takes_choices_as_a_json_list(filler, tmp_path):
-    from tests.test_serve import Server, assert_close, perceiver, server_env
+    from tests.serving import Server, assert_close, perceiver, server_env
 
     server = Server(SMALL, tmp_path)
     try:

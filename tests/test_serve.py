@@ -14,8 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
-import select
 import signal
 import socket
 import subprocess
@@ -27,79 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from perceiver_cli.errors import InputError
-from perceiver_cli.serve import hf_decode, hf_encode, hf_job, hf_target_ids
-
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ROOT / "tests" / "assets" / "perceiver-small"
-START_TIMEOUT = 120.0
-
-
-def server_env(tmp: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "PERCEIVER_DEBUG", "COLUMNS",
-                        "PERCEIVER_SERVER", "PERCEIVER_API_KEY", "PERCEIVER_MODEL")}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp / "hf_home"), HF_HUB_OFFLINE="1",
-               PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", **extra)
-    return env
-
-
-class Server:
-    """`perceiver serve` in a child process, on a free port of 127.0.0.1."""
-
-    def __init__(self, model: Path, tmp: Path, *args: str, env: dict | None = None):
-        cmd = [sys.executable, "-m", "perceiver_cli", "serve", "-m", str(model), "--port", "0",
-               "--device", "cpu", "--threads", "1", *args]
-        self.proc = subprocess.Popen(cmd, env={**server_env(tmp), **(env or {})}, cwd=tmp,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.first_line = self._read_line()
-        match = re.search(r"(http://127\.0\.0\.1:\d+)", self.first_line)
-        assert match, self.first_line
-        self.url = match.group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
-        self.stderr: list[bytes] = []
-        self._drain = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
-        self._drain.start()
-
-    def _read_line(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        line = b""
-        while not line.endswith(b"\n"):
-            ready, _, _ = select.select([self.proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                self.proc.kill()
-                raise AssertionError("the server did not announce itself")
-            chunk = os.read(self.proc.stderr.fileno(), 1)
-            if not chunk:
-                raise AssertionError(f"the server exited: {line.decode(errors='replace')}")
-            line += chunk
-        return line.decode()
-
-    def request(self, method: str, path: str, body=None, headers: dict | None = None, raw: bytes | None = None):
-        """(status, headers, decoded JSON body or the raw bytes if not JSON)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        conn.request(method, path, body=data, headers=headers or {})
-        response = conn.getresponse()
-        payload = response.read()
-        conn.close()
-        try:
-            decoded = json.loads(payload)
-        except ValueError:
-            decoded = payload
-        return response.status, dict(response.getheaders()), payload, decoded
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.wait(timeout)
-
-    def wait(self, timeout: float = 60) -> int:
-        """The exit status, once the process exits on its own (after a signal already sent:
-        a second one could land after the graceful stop, in the default handler)."""
-        code = self.proc.wait(timeout)
-        self._drain.join(5)
-        return code
+from tests.serving import ROOT, SMALL, Server, assert_close, perceiver, server_env
 
 
 @pytest.fixture(scope="module")
@@ -123,38 +49,11 @@ def small_server(tmp_module):
 
 # -- the Hugging Face fill-mask task ----------------------------------------------------
 
-TRICKY = [
-    "plain [MASK] text", "[MASK]", "[[MASK]]", "a[MASK][MASK]b", "[mask] [MASK ] [MASK]",
-    "café [MASK] naïve € 😀", "[CLS]x[SEP][PAD][BOS][EOS][MASK:3]", "tab\t\nnew[MASK]line\r\n", "",
-    "[MASK][CLS", "\x00\x7f[MASK]",
-]
-
-
-@pytest.mark.parametrize("text", TRICKY)
-def test_hf_tokenizer_emulation_matches_perceiver_tokenizer(text):
-    from transformers import PerceiverTokenizer
-
-    tok = PerceiverTokenizer()
-    ids = tok(text)["input_ids"]
-    assert hf_encode(text) == ids
-    for skip in (False, True):
-        assert hf_decode(ids, skip) == tok.decode(ids, skip_special_tokens=skip)
-    for i in range(262):
-        assert hf_decode([i]) == tok.decode([i])
-
-
 @pytest.fixture(scope="module")
-def pipeline(tiny_checkpoint):
-    from transformers import PerceiverForMaskedLM, PerceiverTokenizer
-    from transformers import pipeline as make
+def pipeline(tiny_reference):
+    from transformers import PerceiverTokenizer, pipeline
 
-    model = PerceiverForMaskedLM.from_pretrained(tiny_checkpoint).eval()
-    return make("fill-mask", model=model, tokenizer=PerceiverTokenizer(), device="cpu")
-
-
-def test_target_ids_follow_the_pipeline(pipeline):
-    for targets in (["a"], ["a", "b", "a"], ["zz", "é", "€", "[MASK]", " x"], ["", "q"], ["\u00ff", "\x00"]):
-        assert hf_target_ids(targets) == list(pipeline.get_target_ids(targets))
+    return pipeline("fill-mask", model=tiny_reference, tokenizer=PerceiverTokenizer(), device="cpu")
 
 
 def assert_same_fill_mask(ours, theirs):
@@ -219,23 +118,6 @@ def test_native_fill_answers_the_objects_of_fill_json(tiny_server, tiny_checkpoi
     assert answer[1] == {"error": "no [MASK] marker in the text: put [MASK] or [MASK:N] where bytes are missing"}
 
 
-def assert_close(a, b, tol: float = 1e-4) -> bool:
-    """Equal JSON, floats within tol."""
-    if isinstance(b, float):
-        assert isinstance(a, (int, float)) and abs(a - b) <= tol, (a, b)
-    elif isinstance(b, dict):
-        assert isinstance(a, dict) and set(a) == set(b), (a, b)
-        for k in b:
-            assert_close(a[k], b[k], tol)
-    elif isinstance(b, list):
-        assert isinstance(a, list) and len(a) == len(b), (a, b)
-        for x, y in zip(a, b):
-            assert_close(x, y, tol)
-    else:
-        assert a == b
-    return True
-
-
 # -- bad requests ---------------------------------------------------------------------------
 
 BAD = [
@@ -294,12 +176,6 @@ def test_bad_request_is_a_4xx_with_one_json_line_and_the_server_lives_on(tiny_se
 def test_a_text_that_cannot_be_read_fails_in_its_place(tiny_server):
     status, _, _, answer = tiny_server.request("POST", "/v1/fill", {"texts": ["a [MASK:2]", "\ud800 [MASK]"]})
     assert status == 200 and "text" in answer[0] and "lone surrogate" in answer[1]["error"]
-
-
-def test_a_fill_mask_answer_too_large_is_refused_before_any_work():
-    with pytest.raises(InputError, match="the answer would hold 33012 candidates"):
-        hf_job({"inputs": "[MASK]" * 126, "parameters": {"top_k": 262}}, 128)  # 28 MB of JSON
-    assert len(hf_job({"inputs": "[MASK]" * 126, "parameters": {"top_k": 5}}, 128).positions) == 126
 
 
 def test_body_over_the_limit_is_413(tiny_server):
@@ -539,11 +415,6 @@ def test_api_key(tiny_checkpoint, tmp_path):
 # -- the CLI as a client --------------------------------------------------------------------
 
 
-def perceiver(args: list[str], env: dict, stdin: bytes | None = None, cwd: Path | None = None):
-    return subprocess.run([sys.executable, "-m", "perceiver_cli", *args], env=env, input=stdin,
-                          capture_output=True, cwd=cwd, timeout=600)
-
-
 DOCUMENT = "Dear team,\nthe meeting moved to [MASK:7].\n\tThanks, caf\xe9 [MASK]!\r\n".encode() + b"\xff\xfe [MASK:3]\n"
 LINES = ("The capital of France is [MASK:6].\n\nno marker here\nShe went to the [MASK] yesterday.\n"
          "   \ncaf\u00e9 [MASK:2] na\u00efve [MASK:1000]\nlast line [MASK]").encode()
@@ -658,21 +529,6 @@ def test_server_wins_over_nothing_and_an_empty_server_option_fills_in_process(tm
     assert through.returncode == 1 and "cannot reach the server at http://127.0.0.1:9" in through.stderr.decode()
     local = perceiver(["fill", "--server", "", "-m", str(SMALL), "--device", "cpu", "a [MASK:2]."], env)
     assert local.returncode == 0 and local.stdout.startswith(b"a")
-
-
-def test_serve_help_states_the_defaults_of_serve_options():
-    from perceiver_cli.serve import ServeOptions
-
-    result = subprocess.run([sys.executable, "-m", "perceiver_cli", "serve", "--help"], capture_output=True, text=True)
-    text = " ".join(result.stdout.split("Options:", 1)[1].split())
-    defaults = ServeOptions()
-    for name in ("host", "port", "max_batch", "batch_wait_ms", "queue_size", "max_body_mb", "max_inputs",
-                 "body_timeout_s"):
-        value = getattr(defaults, name)
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
-        flag = "--" + name.replace("_", "-")
-        help_of_flag = text[text.index(flag + " ") :].split(" --")[0]
-        assert f"[default: {shown}" in help_of_flag, (name, help_of_flag)
 
 
 def test_the_client_never_imports_torch(small_server, tmp_path):
