@@ -21,6 +21,9 @@ How a choice of n bytes (absorbed space included) is scored, `FillOptions.choice
 
 Log-probabilities are log_softmax over the full vocabulary, as everywhere else. Which rule
 is the default was chosen on the validation split (scripts/eval_choices.py, QUALITY.md).
+A span's numbers keep one meaning each (`ChoiceFill`): every choice carries the sum of its
+bytes' log-probabilities in the rule's passes (its `logprob`, as any fill's) and, apart
+from it, the rule's score that ranked it.
 
 Other spans of the text: a text with several spans is scored in rounds. In the first,
 the other spans stay masked, each at the length of the median choice (its absorbed space
@@ -32,7 +35,7 @@ holding their final choices. All passes of a round are batched through one `run`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +58,17 @@ class Item:
     start: int  # position of the span's first byte in job.ids
     data: bytes  # the choice's bytes, absorbed space included
     lead: int  # 1 when the span absorbed a leading space (its first byte), else 0
+
+
+@dataclass
+class ChoiceFill(SpanFill):
+    """A span filled with its best choice. `candidates` are every choice, best first, each
+    with the sum of its bytes' log-probabilities in the rule's passes (`byte_logprobs` and
+    `logp` are the best one's, from those passes); `scores[k]` is what ranked
+    `candidates[k]`, under `rule`."""
+
+    scores: list[float] = field(default_factory=list)
+    rule: str = ""
 
 
 def item_of(job: Job, target: int, data: bytes, lead: int) -> Item:
@@ -105,14 +119,14 @@ def score(byte_logprobs: list[float], lead: int, rule: str) -> float:
     return total
 
 
-def fill_choices(run: Run, templates: list[Template], window: int, options: FillOptions) -> list[list[SpanFill]]:
-    """Every span of every template filled with its best choice; `candidates` holds all the
-    choices, best first, each with its score under `options.choice_score`."""
+def fill_choices(run: Run, templates: list[Template], window: int, options: FillOptions) -> list[list[ChoiceFill]]:
+    """Every span of every template filled with its best choice under `options.choice_score`
+    (`ChoiceFill`: all the choices, best first, each with its log-probability and score)."""
     words = [c.encode("utf-8", "surrogateescape") for c in options.choices]
     rule = options.choice_score
     method = rule.removesuffix("-mean")
     typical = sorted(len(w) for w in words)[len(words) // 2]
-    fills: list[list[SpanFill | None]] = [[None] * len(t.spans) for t in templates]
+    fills: list[list[ChoiceFill | None]] = [[None] * len(t.spans) for t in templates]
     chosen: dict[tuple[int, int], bytes] = {}
     again = set(range(len(templates)))  # texts to score (again) in this round
     for round_ in range(MAX_ROUNDS):
@@ -144,8 +158,9 @@ def fill_choices(run: Run, templates: list[Template], window: int, options: Fill
             if len(templates[i].spans) > 1 and (round_ == 0 or chosen[i, s] != data):
                 again.add(i)  # the others' context changed: score this text's spans again
             chosen[i, s] = data
-            fills[i][s] = SpanFill(data=data, byte_logprobs=values, logp=rows,
-                                   candidates=[(d, sc) for sc, d, _, _ in entries])
+            fills[i][s] = ChoiceFill(data=data, byte_logprobs=values, logp=rows,
+                                     candidates=[(d, float(sum(v))) for _, d, v, _ in entries],
+                                     scores=[sc for sc, _, _, _ in entries], rule=rule)
     return fills  # type: ignore[return-value]
 
 

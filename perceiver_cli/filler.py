@@ -297,9 +297,16 @@ def _span_result(span: masks.Span, fill: strategies.SpanFill, from_choices: bool
         logprob=float(sum(fill.byte_logprobs)),
         byte_logprobs=fill.byte_logprobs,
         alternatives=[list(zip(ix.tolist(), lp.tolist())) for lp, ix in zip(top.values, top.indices)],
-        candidates=[Candidate(data, score) for data, score in fill.candidates],
+        candidates=_candidates(fill),
         from_choices=from_choices,
     )
+
+
+def _candidates(fill: strategies.SpanFill) -> list[Candidate]:
+    """Each candidate's log-probability; a choice's also the score that ranked it."""
+    if isinstance(fill, choices.ChoiceFill):
+        return [Candidate(data, lp, score, fill.rule) for (data, lp), score in zip(fill.candidates, fill.scores)]
+    return [Candidate(data, lp) for data, lp in fill.candidates]
 
 
 def _non_finite(dtype: torch.dtype) -> str:

@@ -39,6 +39,10 @@ MAX_CHOICES = 64  # --choice words per fill
 # byte, that byte masked; chain = left to right, one pass per byte, the bytes after it
 # masked. "-mean": divided by the choice's byte count (its absorbed space not counted).
 CHOICE_SCORES = ("chain", "chain-mean", "pll", "pll-mean", "sum", "sum-mean")
+# What a fill with choices never uses (a choice is scored as written: nothing is searched
+# for, no length chosen): away from their defaults, they are refused with choices.
+NOT_WITH_CHOICES = ("strategy", "max_span", "iterative_passes", "beam_width", "length_alpha", "length_candidates",
+                    "length_prior")
 
 
 INT8_CPU_ONLY = "int8 runs on the CPU only"
@@ -167,6 +171,23 @@ def check_revision(revision: str) -> None:
         raise OptionError("revision", f"{revision!r} is not a branch, tag or commit name")
 
 
+class ChoicesConflict(OptionError):
+    """Options given with choices that a fill with choices would ignore: one error naming
+    each of them (as flags on the command line)."""
+
+    def __init__(self, given: list[tuple[str, Any]]):
+        self.given = given
+        super().__init__("choices", self._rule([f"{name}={value!r}" for name, value in given]))
+
+    def _rule(self, shown: list[str]) -> str:
+        them = "it at its default" if len(shown) == 1 else "them at their defaults"
+        return (f"cannot be combined with {', '.join(shown)}: each choice is scored as written, never "
+                f"searched for or given a length; leave {them}")
+
+    def flag(self) -> str:
+        return "--choice " + self._rule([f"--{name.replace('_', '-')} {value}" for name, value in self.given])
+
+
 @dataclass(frozen=True)
 class FillOptions(_Options):
     """How to fill spans. The defaults were chosen on the validation split (QUALITY.md)."""
@@ -226,6 +247,11 @@ class FillOptions(_Options):
                                              f"input line (--json may hold one)")
         object.__setattr__(self, "choices", tuple(choices))  # hashable (the server groups by options)
         object.__setattr__(self, "choice_score", _choice("choice_score", self.choice_score, CHOICE_SCORES))
+        changed = [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) != f.default]
+        if self.choices and any(name in NOT_WITH_CHOICES for name, _ in changed):
+            raise ChoicesConflict([(name, value) for name, value in changed if name in NOT_WITH_CHOICES])
+        if not self.choices and any(name == "choice_score" for name, _ in changed):
+            raise OptionError("choice_score", f"{self.choice_score!r} applies with choices only (no choices given)")
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,11 @@ writes the filled document's raw bytes.
 - `document`: the filled text, every fill underlined and each of its characters coloured
   by the model's confidence (the product of its bytes' probabilities);
 - `legend`: what the colours mean (only when the console has colour);
-- `candidates`: the top-k whole-span candidates and their probabilities;
-- `explain`: per masked byte, its top candidate bytes and their probabilities.
+- `candidates`: the top-k whole-span candidates, each with its probability as a whole
+  (`P(fill)`, exp of its summed log-probability); choices add, in a column of its own,
+  the score that ranked them under its rule (`score (sum-mean)`);
+- `explain`: per masked byte, the byte filled there and its probability, then the most
+  probable other bytes at that position.
 
 Text is always passed to rich as `Text` objects, never as markup, so a `[bold]` in the
 user's text stays literal.
@@ -140,20 +143,26 @@ def _span_label(k: int, span) -> str:
 
 
 def candidates(result: FillResult, console: Console, top_k: int) -> None:
-    """A compact table of the top-k candidates of every span, best first."""
+    """A compact table of the top-k candidates of every span, best first: each one's
+    probability as a whole fill, and for choices the score that ranked them, apart."""
+    rule = next((c.score_rule for span in result.spans for c in span.candidates if c.score is not None), None)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("span", style="dim", no_wrap=True)
     table.add_column("#", justify="right", style="dim")
     table.add_column("fill", no_wrap=True)
-    table.add_column("prob", justify="right")
+    if rule is not None:
+        table.add_column(f"score ({rule})", justify="right")
+    table.add_column("P(fill)", justify="right")
     table.add_column("logprob", justify="right", style="dim")
     for k, span in enumerate(result.spans):
         for rank, c in enumerate(span.candidates[:top_k]):
             p = math.exp(c.logprob)
+            score = [] if rule is None else ["" if c.score is None else f"{c.score:.3f}"]
             table.add_row(
                 _span_label(k, span) if rank == 0 else "",
                 str(rank + 1),
                 Text(show_fill(c.fill), style="bold" if rank == 0 else ""),
+                *score,
                 Text(percent(p), style=confidence_colour(p)),
                 f"{c.logprob:.3f}",
                 end_section=rank == min(top_k, len(span.candidates)) - 1,
@@ -161,16 +170,26 @@ def candidates(result: FillResult, console: Console, top_k: int) -> None:
     console.print(table)
 
 
+def filled_and_others(span, i: int) -> tuple[tuple[int, float], list[tuple[int, float]]]:
+    """Masked byte `i` of `span`: (the byte filled there, its log-probability) and the most
+    probable other bytes at that position, as many as `alternatives` shows beside the best
+    one. The filled byte is the model's best only where the fill took the best (oneshot):
+    a search or a choice may fill another byte."""
+    filled = span.data[i]
+    alts = span.alternatives[i]
+    return (filled, span.byte_logprobs[i]), [a for a in alts if a[0] != filled][: max(len(alts) - 1, 0)]
+
+
 def explain(result: FillResult, console: Console) -> None:
-    """Per masked byte: the chosen byte and the next most probable ones."""
+    """Per masked byte: the byte filled there and the most probable other ones."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("span", style="dim", no_wrap=True)
     table.add_column("byte", justify="right", style="dim")
     table.add_column("chosen", no_wrap=True)
     table.add_column("alternatives", no_wrap=True)
     for k, span in enumerate(result.spans):
-        for i, alts in enumerate(span.alternatives):
-            chosen, rest = alts[0], alts[1:]
+        for i in range(len(span.alternatives)):
+            chosen, rest = filled_and_others(span, i)
             cell = Text()
             for b, lp in rest:
                 cell.append(f"{show_byte(b)} ")

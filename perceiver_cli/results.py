@@ -6,6 +6,7 @@ JSON-encoded here (`dumps`), with one policy for text that is not UTF-8.
      "spans": [{"start": <char offset of the marker in the input>, "length": <bytes>,
                 "fill": "<decoded text>", "bytes": [<ints 0-255>], "logprob": <float>,
                 "candidates": [{"fill": ..., "bytes": [...], "logprob": ...}, ...],   # top_k > 1, choices
+                # a --choice candidate adds "score": <float>, "score_rule": "<its choice_score>"
                 "alternatives": [[{"byte": b, "logprob": lp}, ...] per masked byte]}]} # explain
 
 Batch mode adds `"line": n` to each object; a line that fails is `{"line": n, "error":
@@ -14,11 +15,14 @@ Batch mode adds `"line": n` to each object; a line that fails is `{"line": n, "e
 over the full 262-id vocabulary, taken at the chosen byte; JSON floats are rounded to 6
 decimals. A fill is bytes; `fill` decodes them with errors="replace".
 
-With choices (`--choice`), `candidates` is always there and holds every choice, best
-first; a candidate's `logprob` is its score under `choice_score` (choices.py: with the
-default, `sum-mean`, the mean over its bytes, an absorbed space not counted, of each
-byte's log-probability in one pass with the whole span masked), and the span's `logprob` is the sum
-of its `byte_logprobs` under that rule's passes.
+Every `logprob`, of a span or of a candidate, is that one thing: the sum of its bytes'
+log-probabilities, whatever picked the fill; `candidates[0]` is the fill, with the span's
+numbers. With choices (`--choice`), `candidates` is always there and holds every choice,
+ranked by `score`, best first: each carries its `logprob` (the sum of its bytes'
+log-probabilities in the passes of the choice rule) and, apart from it, the `score` that
+ranked it and `score_rule`, the `choice_score` that made it (choices.py; with the default,
+`sum-mean`: one pass with the whole span masked, the sum divided by its byte count, an
+absorbed space not counted). Without choices a candidate has no `score` key.
 
 One encoder, one surrogate policy (`dumps`): JSON as UTF-8 with non-ASCII characters kept,
 and a lone surrogate (a text read with surrogateescape holds `\\udc80`-`\\udcff` for each
@@ -62,13 +66,18 @@ class Candidate:
 
     data: bytes
     logprob: float  # sum over its bytes of log_softmax over the full vocabulary
+    score: float | None = None  # a --choice candidate: what ranked it, under `score_rule`
+    score_rule: str | None = None  # the FillOptions.choice_score of `score`
 
     @property
     def fill(self) -> str:
         return self.data.decode("utf-8", "replace")
 
     def to_dict(self) -> dict:
-        return {"fill": self.fill, "bytes": list(self.data), "logprob": round(self.logprob, ROUND)}
+        d: dict = {"fill": self.fill, "bytes": list(self.data), "logprob": round(self.logprob, ROUND)}
+        if self.score is not None:
+            d["score"], d["score_rule"] = round(self.score, ROUND), self.score_rule
+        return d
 
 
 @dataclass
@@ -79,6 +88,8 @@ class SpanResult:
     logprob: float
     byte_logprobs: list[float]  # log-probability of each chosen byte
     alternatives: list[list[tuple[int, float]]]  # per byte: the top bytes and their log-probabilities
+    # (the filled byte is among them only when it is one of the top: a search or a choice
+    # may fill a byte that is not the model's best at its position)
     candidates: list[Candidate] = field(default_factory=list)  # best first; [0] is the fill itself
     from_choices: bool = False  # the fill is the best of the caller's choices: candidates are all of them
 
@@ -145,6 +156,18 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
+def _candidate_to_wire(c: Candidate) -> list:
+    """`[data, logprob]`, and `score, score_rule` after them for a --choice candidate."""
+    return [_b64(c.data), c.logprob] + ([] if c.score is None else [c.score, c.score_rule])
+
+
+def _candidate_from_wire(c: list) -> Candidate:
+    if len(c) not in (2, 4):
+        raise ValueError(f"a candidate is [data, logprob] or [data, logprob, score, rule] (got {len(c)} items)")
+    score = None if len(c) == 2 else (float(c[2]), str(c[3]))
+    return Candidate(_unb64(c[0]), float(c[1]), *(score or ()))
+
+
 def result_to_wire(result: FillResult) -> dict:
     """`result` as JSON-able data with every byte and every float exact."""
     return {
@@ -158,7 +181,7 @@ def result_to_wire(result: FillResult) -> dict:
                 "logprob": s.logprob,
                 "byte_logprobs": list(s.byte_logprobs),
                 "alternatives": [[[b, lp] for b, lp in alts] for alts in s.alternatives],
-                "candidates": [[_b64(c.data), c.logprob] for c in s.candidates],
+                "candidates": [_candidate_to_wire(c) for c in s.candidates],
                 "from_choices": s.from_choices,
             }
             for s in result.spans
@@ -177,7 +200,7 @@ def result_from_wire(d: dict) -> FillResult:
             logprob=float(s["logprob"]),
             byte_logprobs=[float(x) for x in s["byte_logprobs"]],
             alternatives=[[(int(b), float(lp)) for b, lp in alts] for alts in s["alternatives"]],
-            candidates=[Candidate(_unb64(data), float(lp)) for data, lp in s["candidates"]],
+            candidates=[_candidate_from_wire(c) for c in s["candidates"]],
             from_choices=bool(s.get("from_choices", False)),
         )
         for s in d["spans"]
