@@ -85,6 +85,15 @@ def test_several_spans_report_the_sums_of_the_final_round(filler):
         assert c.logprob == pytest.approx(sum(byte_values(filler, before, c.data, after, "sum")), abs=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["oneshot", "iterative", "beam"])
+def test_without_choices_the_first_candidate_is_the_fill_with_the_span_numbers(filler, strategy):
+    result = filler.fill("Return the number of [MASK] in [MASK:4] list.", strategy=strategy, top_k=3)
+    for span in result.spans:
+        assert span.logprob == sum(span.byte_logprobs)
+        assert (span.candidates[0].data, span.candidates[0].logprob) == (span.data, span.logprob)
+        assert all(c.score is None and c.score_rule is None for c in span.candidates)
+
+
 # -- JSON and the wire ------------------------------------------------------------------------
 
 
