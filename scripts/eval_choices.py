@@ -108,7 +108,7 @@ def check_end_to_end(filler: MaskFiller, cases: list[dict], rule: str) -> int:
     agree = 0
     for case in cases:
         r = filler.fill(case["text"], FillOptions(choices=tuple(case["choices"]), choice_score=rule))
-        scores = {c.fill.strip(): c.logprob for c in r.spans[0].candidates}
+        scores = {c.fill.strip(): c.score for c in r.spans[0].candidates}
         agree += r.spans[0].fill.strip() == max(case["choices"], key=lambda w: scores[w])
     return agree
 

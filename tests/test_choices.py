@@ -58,8 +58,8 @@ def test_choices_are_ranked_by_their_score_computed_by_hand(filler, rule):
     assert sorted(c.data for c in span.candidates) == sorted(b" " + w.encode() for w in words)
     expected = {c.data: by_hand(filler, b"Acquire", c.data, b" global interpreter lock.", rule) for c in span.candidates}
     for c in span.candidates:
-        assert c.logprob == pytest.approx(expected[c.data], abs=1e-4)
-    scores = [c.logprob for c in span.candidates]
+        assert c.score == pytest.approx(expected[c.data], abs=1e-4) and c.score_rule == rule
+    scores = [c.score for c in span.candidates]
     assert scores == sorted(scores, reverse=True)
     assert span.data == span.candidates[0].data
     assert result.text == f"Acquire{span.fill} global interpreter lock."
@@ -81,7 +81,7 @@ def test_choices_of_different_lengths(filler):
     assert result.text == f"Acquire{span.fill} global interpreter lock."
     rule = FillOptions.choice_score
     for c in span.candidates:  # each length is scored in its own window, by the default rule
-        assert c.logprob == pytest.approx(by_hand(filler, b"Acquire", c.data, b" global interpreter lock.", rule), abs=1e-4)
+        assert c.score == pytest.approx(by_hand(filler, b"Acquire", c.data, b" global interpreter lock.", rule), abs=1e-4)
     # a longer choice can win: a 1-byte choice is not favoured for being short
     long_wins = filler.fill("Acquire [MASK] global interpreter lock.", choices=("x", "the"))
     assert long_wins.spans[0].data == b" the"
@@ -126,7 +126,7 @@ def test_several_spans_each_get_every_choice_with_the_others_filled(filler):
     before = f"The{result.spans[0].fill} sat on the".encode()
     after = f" and the{result.spans[2].fill} barked.".encode()
     for c in result.spans[1].candidates:
-        assert c.logprob == pytest.approx(by_hand(filler, before, c.data, after, FillOptions.choice_score), abs=1e-4)
+        assert c.score == pytest.approx(by_hand(filler, before, c.data, after, FillOptions.choice_score), abs=1e-4)
 
 
 def test_choices_in_many_texts_equal_each_text_alone(filler):
@@ -136,8 +136,8 @@ def test_choices_in_many_texts_equal_each_text_alone(filler):
     for text, r in zip(texts, together):
         alone = filler.fill(text, choices=words)
         assert r.data == alone.data
-        assert [(c.data, round(c.logprob, 4)) for s in r.spans for c in s.candidates] == \
-               [(c.data, round(c.logprob, 4)) for s in alone.spans for c in s.candidates]
+        assert [(c.data, round(c.logprob, 4), round(c.score, 4)) for s in r.spans for c in s.candidates] == \
+               [(c.data, round(c.logprob, 4), round(c.score, 4)) for s in alone.spans for c in s.candidates]
 
 
 # -- the command line ---------------------------------------------------------------------
@@ -156,8 +156,9 @@ def test_cli_json_lists_every_choice_ranked(filler):
         assert [c["fill"] for c in span["candidates"]] == [c.fill for c in want.candidates]
         assert {c["fill"] for c in span["candidates"]} == {" cat", " elephant", " a"}
         for c in span["candidates"]:
-            assert set(c) == {"fill", "bytes", "logprob"} and bytes(c["bytes"]) == c["fill"].encode()
-        scores = [c["logprob"] for c in span["candidates"]]
+            assert set(c) == {"fill", "bytes", "logprob", "score", "score_rule"} and bytes(c["bytes"]) == c["fill"].encode()
+            assert c["score_rule"] == FillOptions.choice_score
+        scores = [c["score"] for c in span["candidates"]]
         assert scores == sorted(scores, reverse=True)
         assert span["fill"] == span["candidates"][0]["fill"] and span["length"] == len(span["bytes"])
     plain = invoke(SMALL, *ON_CPU, *args[:-2], "The [MASK] sat on the [MASK].")
@@ -189,7 +190,7 @@ def test_scores_of_items_equal_the_filler(filler):
         item = choices.item_of(Layout(t, [len(c.data)], WINDOW).jobs()[0], 0, c.data, 1)
         (values, rows), = choices.byte_scores(filler.logprobs, [item], "pll")
         assert rows.shape[0] == len(c.data)
-        assert choices.score(values, 1, "pll") == pytest.approx(c.logprob, abs=1e-5)
+        assert choices.score(values, 1, "pll") == pytest.approx(c.score, abs=1e-5)
 
 
 # -- the server ---------------------------------------------------------------------------
