@@ -30,18 +30,21 @@ the other spans stay masked, each at the length of the median choice (its absorb
 added); in each later round, each span is scored again with the other spans holding their
 choices of the round before. Rounds go on while a span of the text changes its choice, at
 most `MAX_ROUNDS`: once settled, every span's ranking is its ranking with the other spans
-holding their final choices. All passes of a round are batched through one `run` call.
+holding their final choices. The passes of a round are batched through `run` a chunk at a
+time (budget.CHUNK_INPUTS), and only the best choice's rows are kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 
+from .budget import CHUNK_INPUTS
 from .masks import Span, Template
 from .options import FillOptions
-from .strategies import Job, Run, SpanFill
+from .strategies import Check, Job, Run, SpanFill, _go_on
 from .tokenizer import MASK, byte_id, byte_ids
 from .windows import Layout
 
@@ -97,18 +100,37 @@ def _inputs(item: Item, method: str) -> list[tuple[list[int], list[int]]]:
 
 def byte_scores(run: Run, items: list[Item], method: str) -> list[tuple[list[float], torch.Tensor]]:
     """For each item: the log-probability of each of its bytes under `method`, and the
-    (n, V) log-probability rows they were read from. One batched `run` for all items."""
+    (n, V) log-probability rows they were read from."""
+    return list(iter_byte_scores(run, items, method))
+
+
+def iter_byte_scores(run: Run, items: Iterable[Item], method: str, *,
+                     check: Check = _go_on) -> Iterator[tuple[list[float], torch.Tensor]]:
+    """`byte_scores`, lazily: the inputs are built and run a chunk at a time (at least
+    `CHUNK_INPUTS` inputs, whole items), and each item's answer is handed on at once."""
     if method not in METHODS:
         raise ValueError(f"unknown scoring method {method!r}")
-    inputs = [_inputs(item, method) for item in items]
-    logps = run([x for xs in inputs for x in xs])
-    out, at = [], 0
-    for item, xs in zip(items, inputs):
-        rows = torch.cat(logps[at : at + len(xs)])  # (n, V) in every method
-        at += len(xs)
-        values = [float(rows[k, byte_id(b)]) for k, b in enumerate(item.data)]
-        out.append((values, rows))
-    return out
+    pending: list[tuple[Item, int]] = []
+    inputs: list[tuple[list[int], list[int]]] = []
+
+    def answers():
+        logps, at = run(inputs), 0
+        for item, n in pending:
+            check()
+            rows = torch.cat(logps[at : at + n])  # (n, V) in every method
+            at += n
+            values = [float(rows[k, byte_id(b)]) for k, b in enumerate(item.data)]
+            yield values, rows
+
+    for item in items:
+        xs = _inputs(item, method)
+        pending.append((item, len(xs)))
+        inputs.extend(xs)
+        if len(inputs) >= CHUNK_INPUTS:
+            yield from answers()
+            pending, inputs = [], []
+    if pending:
+        yield from answers()
 
 
 def score(byte_logprobs: list[float], lead: int, rule: str) -> float:
@@ -119,9 +141,11 @@ def score(byte_logprobs: list[float], lead: int, rule: str) -> float:
     return total
 
 
-def fill_choices(run: Run, templates: list[Template], window: int, options: FillOptions) -> list[list[ChoiceFill]]:
+def fill_choices(run: Run, templates: list[Template], window: int, options: FillOptions, *,
+                 check: Check = _go_on) -> list[list[ChoiceFill]]:
     """Every span of every template filled with its best choice under `options.choice_score`
-    (`ChoiceFill`: all the choices, best first, each with its log-probability and score)."""
+    (`ChoiceFill`: all the choices, best first, each with its log-probability and score).
+    Only the best choice's rows of log-probabilities are kept."""
     words = [c.encode("utf-8", "surrogateescape") for c in options.choices]
     rule = options.choice_score
     method = rule.removesuffix("-mean")
@@ -149,18 +173,23 @@ def fill_choices(run: Run, templates: list[Template], window: int, options: Fill
         if not items:
             break
         ranked: dict[tuple[int, int], list] = {}
-        for key, item, (values, rows) in zip(keys, items, byte_scores(run, items, method)):
-            ranked.setdefault(key, []).append((score(values, item.lead, rule), item.data, values, rows))
+        best_rows: dict[tuple[int, int], tuple[float, torch.Tensor]] = {}
+        for key, item, (values, rows) in zip(keys, items, iter_byte_scores(run, items, method, check=check)):
+            item_score = score(values, item.lead, rule)
+            ranked.setdefault(key, []).append((item_score, item.data, values))
+            if key not in best_rows or item_score > best_rows[key][0]:  # the first best, as the sort below
+                best_rows[key] = (item_score, rows)
         again = set()
         for (i, s), entries in ranked.items():
             entries.sort(key=lambda e: -e[0])  # stable: equal scores keep the given order
-            best_score, data, values, rows = entries[0]
+            best_score, data, values = entries[0]
+            rows = best_rows[i, s][1]
             if len(templates[i].spans) > 1 and (round_ == 0 or chosen[i, s] != data):
                 again.add(i)  # the others' context changed: score this text's spans again
             chosen[i, s] = data
             fills[i][s] = ChoiceFill(data=data, byte_logprobs=values, logp=rows,
-                                     candidates=[(d, float(sum(v))) for _, d, v, _ in entries],
-                                     scores=[sc for sc, _, _, _ in entries], rule=rule)
+                                     candidates=[(d, float(sum(v))) for _, d, v in entries],
+                                     scores=[sc for sc, _, _ in entries], rule=rule)
     return fills  # type: ignore[return-value]
 
 

@@ -16,6 +16,11 @@ How a text becomes model passes:
    `_Runner` batches. `oneshot`: every masked byte is the argmax over the 256 byte ids
    of one pass, which reproduces the reference exactly.
 
+Before step 2, each text's cost is estimated from what it asks and checked against the
+budget (`budget.py`, `options.Budget`: `fill_many(..., budget=...)` or `filler.budget`);
+a text over it gets `OverBudget`. The texts of a call are filled in groups whose
+estimated memory fits the budget together.
+
 With `choices` (`--choice WORD`), steps 2-4 are replaced: every span is filled with the
 best of the given words, scored by `choices.py` (the strategy and top_k do not apply).
 """
@@ -28,11 +33,12 @@ from typing import Callable
 
 import torch
 
+from . import budget as budgets
 from . import choices, masks, strategies, tokenizer
 from .errors import InputError, PerceiverError
 from .lengths import LengthRequest, choose_lengths
 from .model import PerceiverMaskedLM
-from .options import FillOptions, LoadOptions, OptionError
+from .options import Budget, FillOptions, LoadOptions, OptionError
 from .results import Candidate, FillResult, SpanResult
 from .windows import Layout
 
@@ -77,9 +83,15 @@ class _Runner:
         self.model, self.batch_size = model, batch_size
         self.passes = 0  # forward passes run, for measurements
         self.rows = 0  # texts (windows) those passes ran: the compute spent
-        # Called with a pass's number of inputs before it runs; raising stops the work there
-        # (the server stops work whose client has gone, or that is over its budget).
+        # Called with a pass's number of inputs before it runs, and with 0 inside the long
+        # loops between passes (`check`); raising stops the work there (the server stops
+        # work whose client has gone, or that is over its budget).
         self.before_pass: Callable[[int], None] | None = None
+
+    def check(self) -> None:
+        """The stop check of the loops between passes: `before_pass(0)`."""
+        if self.before_pass is not None:
+            self.before_pass(0)
 
     @torch.inference_mode()
     def __call__(self, jobs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
@@ -133,6 +145,7 @@ class MaskFiller:
         self.load_options: LoadOptions | None = None  # set by from_pretrained
         self.resolved = None  # hub.ResolvedModel, set by from_pretrained
         self.notes: list[str] = []  # things the user may want to know (the CLI shows them on stderr)
+        self.budget = Budget()  # what one text may cost, when a call gives no budget (budget.py)
 
     @property
     def device(self) -> torch.device:
@@ -178,47 +191,69 @@ class MaskFiller:
     # -- public API ---------------------------------------------------------------------
 
     @_fill_signature
-    def fill(self, text: str, options: FillOptions | None = None, **changes) -> FillResult:
-        """Fill every marker of one document. Raises `InputError` for bad markers.
+    def fill(self, text: str, options: FillOptions | None = None, *, budget: Budget | None = None,
+             **changes) -> FillResult:
+        """Fill every marker of one document. Raises `InputError` for bad markers, and
+        `OverBudget` (an `InputError`) for a fill over the budget (`filler.budget` unless given).
 
         `options` is a `FillOptions`; keyword arguments change its fields
         (`filler.fill(text, strategy="oneshot", top_k=3)`).
         """
-        result = self.fill_many([text], options, return_errors=True, **changes)[0]
+        result = self.fill_many([text], options, return_errors=True, budget=budget, **changes)[0]
         if isinstance(result, Exception):
             raise result
         return result
 
     @_fill_signature
     def fill_many(
-        self, texts: list[str], options: FillOptions | None = None, *, return_errors: bool = False, **changes
+        self, texts: list[str], options: FillOptions | None = None, *, return_errors: bool = False,
+        budget: Budget | None = None, **changes
     ) -> list[FillResult | InputError]:
         """Fill independent texts, batched; results in input order.
 
         With `return_errors`, a text that cannot be filled gets its `InputError` in its
-        place and the others go on; otherwise the first such error is raised.
+        place and the others go on; otherwise the first such error is raised. Each text is
+        checked against `budget` (`filler.budget` unless given) before anything of it is
+        built: over it, its error is an `OverBudget` naming the option to turn.
         """
         options = self.check((options or FillOptions()).replace(**changes))
+        budget = budget or self.budget
         results: list = [None] * len(texts)
         templates: dict[int, masks.Template] = {}
+        memory: dict[int, int] = {}
         for i, text in enumerate(texts):
             try:
                 template = self._check(masks.parse(text, options.mask_token))
                 if options.choices:
                     self._check_choices(template, options)
-                templates[i] = template
+                cost = budgets.estimate(template, options, self.window)
+                budgets.check(cost, budget)
+                templates[i], memory[i] = template, cost.memory
             except InputError as e:
                 if not return_errors:
                     raise
                 results[i] = e
-        order = list(templates)
+        group: list[int] = []
+        for i in templates:  # in groups whose memory fits the budget together
+            if group and sum(memory[k] for k in group) + memory[i] > budget.max_memory_mb * budgets.MB:
+                self._fill_group(group, templates, options, results)
+                group = []
+            group.append(i)
+        if group:
+            self._fill_group(group, templates, options, results)
+        return results
+
+    def _fill_group(self, order: list[int], templates: dict[int, masks.Template], options: FillOptions,
+                    results: list) -> None:
+        """Fill the texts `order` (indices into `templates`), their results into `results`."""
+        check = getattr(self.runner, "check", strategies._go_on)
         if options.choices:
-            fills = choices.fill_choices(self.runner, [templates[i] for i in order], self.window, options)
+            fills = choices.fill_choices(self.runner, [templates[i] for i in order], self.window, options, check=check)
             for i, span_fills in zip(order, fills):
                 t = templates[i]
                 spans_i = [_span_result(span, f, from_choices=True) for span, f in zip(t.spans, span_fills)]
                 results[i] = FillResult(t.render([s.data for s in spans_i]), spans_i, t.pieces)
-            return results
+            return
         requests = [
             LengthRequest(
                 lengths=[s.length for s in templates[i].spans],
@@ -228,9 +263,10 @@ class MaskFiller:
             for i in order
         ]
         run = strategies.Reuse(self.runner)  # a length-scoring pass doubles as the strategy's first
-        lengths = choose_lengths(run, requests, options)
+        lengths = choose_lengths(run, requests, options, check=check)
+        run.remember = False  # the strategy's later passes are never asked again
         jobs = [(i, job) for i, n in zip(order, lengths) for job in self._layout(templates[i], n).jobs()]
-        fills = strategies.STRATEGIES[options.strategy](run, [job for _, job in jobs], options)
+        fills = strategies.STRATEGIES[options.strategy](run, [job for _, job in jobs], options, check=check)
         spans: dict[int, list] = {i: [None] * len(templates[i].spans) for i in order}
         for (i, job), job_fills in zip(jobs, fills):
             for s, f in zip(job.targets, job_fills):
@@ -238,7 +274,6 @@ class MaskFiller:
         for i in order:
             t = templates[i]
             results[i] = FillResult(t.render([s.data for s in spans[i]]), spans[i], t.pieces)
-        return results
 
     def check(self, options: FillOptions) -> FillOptions:
         """`options`, checked against this model (what FillOptions cannot know alone)."""

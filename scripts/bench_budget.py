@@ -1,0 +1,100 @@
+"""Peak memory and time of the five request bodies of issue 21, filled in-process.
+
+    python scripts/bench_budget.py CASE [--timeout S] [--memory-mb MB]
+    python scripts/bench_budget.py all          # each case in its own process
+
+A tiny random model with the real model's 2048-byte window (the bookkeeping per input is
+the real model's; the passes themselves are cheap) fills the case's texts through
+`MaskFiller.fill_many`, as the server does. Each case runs in a fresh process under a
+memory ceiling (RLIMIT_AS) and a time limit, and prints one JSON line: the case, what came
+of it (filled, refused with the error, out of memory, out of time), seconds and peak RSS.
+Runs on any checkout of this repo (it measured the code before and after the budget).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = {  # name -> (texts, FillOptions fields); the bodies of issue 21
+    "masks-20000": (["w [MASK] " * 20_000], {}),
+    "topk-256": (["[MASK:2000]"] * 2, {"top_k": 256}),
+    "max-span-2046": (["a [MASK] b [MASK] c [MASK] d [MASK] e"], {"max_span": 2046, "length_candidates": None}),
+    "choices-pll": (["x [MASK] y [MASK] z [MASK] w [MASK]."],
+                    {"choices": tuple(f"{k:02d}" + "c" * 1998 for k in range(64)), "choice_score": "pll"}),
+    "explain-1000": (["[MASK:2046]" * 1000], {"strategy": "oneshot", "explain": True}),
+    "oneshot-topk-120x20": (["[MASK:120] " * 20], {"strategy": "oneshot", "top_k": 256}),
+}
+
+
+def tiny_filler():
+    import torch
+
+    from perceiver_cli.filler import MaskFiller
+    from perceiver_cli.model import PerceiverConfig, PerceiverMaskedLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = PerceiverConfig.from_dict(dict(
+        num_latents=8, d_latents=32, d_model=16, num_blocks=1, num_self_attends_per_block=2,
+        num_self_attention_heads=2, num_cross_attention_heads=2, qk_channels=16, v_channels=32,
+        max_position_embeddings=2048))
+    model = PerceiverMaskedLM(cfg).eval()
+    with torch.no_grad():  # the reference's initialisation: normal(0, 0.02), LayerNorms at 1 and 0
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if name.endswith("weight") and p.dim() == 1 else
+                    torch.zeros_like(p) if p.dim() == 1 else torch.randn_like(p) * 0.02)
+    return MaskFiller(model, batch_size=8)
+
+
+def run_case(name: str) -> dict:
+    from perceiver_cli.filler import FillOptions
+
+    texts, fields = CASES[name]
+    filler = tiny_filler()
+    t0 = time.perf_counter()
+    try:
+        results = filler.fill_many(texts, FillOptions(**fields), return_errors=True)
+        errors = [str(r) for r in results if isinstance(r, Exception)]
+        outcome = f"refused: {errors[0]}" if errors else "filled"
+    except MemoryError:
+        outcome = "out of memory"
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import perceiver_cli
+
+    return {"case": name, "outcome": outcome, "seconds": round(seconds, 2), "peak_mb": round(peak),
+            "code": str(Path(perceiver_cli.__file__).parent.parent)}
+
+
+def main(argv: list[str]) -> int:
+    name = argv[0] if argv else "all"
+    timeout = float(argv[argv.index("--timeout") + 1]) if "--timeout" in argv else 300
+    ceiling = int(argv[argv.index("--memory-mb") + 1]) if "--memory-mb" in argv else 8192
+    if name != "all":
+        resource.setrlimit(resource.RLIMIT_AS, (ceiling << 20, ceiling << 20))
+        print(json.dumps(run_case(name)), flush=True)
+        return 0
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for case in CASES:
+        t0 = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, __file__, case, "--memory-mb", str(ceiling)], env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else json.dumps(
+                {"case": case, "outcome": f"died: {done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else done.returncode}",
+                 "seconds": round(time.perf_counter() - t0, 2)})
+        except subprocess.TimeoutExpired:
+            line = json.dumps({"case": case, "outcome": f"out of time (> {timeout:.0f} s)", "seconds": timeout})
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
