@@ -25,6 +25,9 @@ that arrived meanwhile. A full queue raises `QueueFull` at once.
   `before_pass` (`Cancelled`).
 - `close()` lets the worker finish what is queued and end; `abort()` stops at once: the
   running computation at its next `before_pass`, queued work answered `Cancelled`.
+- `observe(items, inputs, started, seconds)`, when given, hears of every computation once
+  it ends (answered or failed): its `Work` items (each with its `tag` from `submit` and
+  when it was `queued`), the inputs it took, when it started and how long it ran.
 
 This module knows nothing of HTTP, the server, the model or torch (it imports only the
 package's errors): the server hands it the compute function and the key, and the tests
@@ -67,14 +70,16 @@ class Work:
     size: int  # what it counts towards max_batch (texts)
     deliver: Callable[[Any, BaseException | None], None]
     gone: threading.Event = field(default_factory=threading.Event)  # its client hung up: nobody to answer
+    tag: Any = None  # the submitter's, handed back in `observe`
+    queued: float = field(default_factory=time.monotonic)  # when it was queued
 
 
 class Batcher:
     """One queue, one worker thread that owns the compute (see the module docstring)."""
 
     def __init__(self, compute: Compute, *, key: Callable[[Any], Hashable], max_batch: int, batch_wait: float,
-                 queue_size: int, max_inputs: int):
-        self.compute, self.key = compute, key
+                 queue_size: int, max_inputs: int, observe: Callable[[list, int, float, float], None] | None = None):
+        self.compute, self.key, self.observe = compute, key, observe
         self.max_batch, self.batch_wait, self.max_inputs = max_batch, batch_wait, max_inputs
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.running = 0  # requests in the batch being computed
@@ -111,7 +116,7 @@ class Batcher:
                 _deliver(work, None, Cancelled("stopped: the server is stopping"))
         self.close()
 
-    async def submit(self, job: Any, size: int, gone: Callable[[], Awaitable] | None = None):
+    async def submit(self, job: Any, size: int, gone: Callable[[], Awaitable] | None = None, tag: Any = None):
         """The job's answer, computed with whatever else is waiting. Raises `QueueFull`, or
         what its computation raised. When `gone()` finishes first (the client hung up), the
         work is marked as gone, so the worker drops it or stops it between passes, and
@@ -126,7 +131,7 @@ class Batcher:
         def deliver(value, error=None):
             loop.call_soon_threadsafe(settle, value, error)
 
-        work = Work(job, size, deliver)
+        work = Work(job, size, deliver, tag=tag)
         try:
             self.queue.put_nowait(work)
         except queue.Full:
@@ -215,7 +220,12 @@ class Batcher:
             if used > self.max_inputs:  # several requests: then each is run alone, with its own budget
                 raise TooMuchWork(self.max_inputs)
 
-        answers = self.compute([w.job for w in items], before_pass)
+        started = time.monotonic()
+        try:
+            answers = self.compute([w.job for w in items], before_pass)
+        finally:
+            if self.observe is not None:
+                self.observe(items, used, started, time.monotonic() - started)
         if len(answers) != len(items):
             raise RuntimeError(f"compute answered {len(answers)} jobs of {len(items)}")
         return answers

@@ -17,7 +17,7 @@ import typer
 import typer.core
 
 from . import __version__, runtime
-from .options import DEVICES, DTYPES, QUANTIZE, STRATEGIES, FillOptions, LoadOptions, RayOptions
+from .options import DEVICES, DTYPES, LOG_FORMATS, QUANTIZE, STRATEGIES, FillOptions, LoadOptions, RayOptions
 
 # click's exception classes, whichever click this Typer uses (its own copy or click itself)
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -463,6 +463,9 @@ def serve(
     max_inputs: Optional[int] = typer.Option(None, "--max-inputs", help="Most model inputs (a window of a text in one pass) one request may take; beyond, 400 [default: 10000]."),
     body_timeout_s: Optional[float] = typer.Option(None, "--body-timeout-s", help="Seconds a client has to send its request body; then 408 [default: 60]."),
     api_key_file: Optional[str] = typer.Option(None, "--api-key-file", help="Require `Authorization: Bearer KEY`, KEY the file's first line (or set PERCEIVER_API_KEY)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One line per request on stderr."),
+    log_format: str = typer.Option("text", "--log-format", help=f"The access log's lines: {' or '.join(LOG_FORMATS)} (one object a line)."),
+    cors_origins: Optional[list[str]] = typer.Option(None, "--cors-origin", metavar="ORIGIN", help="Let pages of ORIGIN (https://host[:port], or *) call the server; repeatable [default: none]."),
 ):
     """Serve the model over HTTP until Ctrl-C or SIGTERM (then requests in flight are answered).
 
@@ -483,7 +486,8 @@ def serve(
         from .options import ServeOptions, read_api_key
 
         given = dict(host=host, port=port, max_batch=max_batch, batch_wait_ms=batch_wait_ms, queue_size=queue_size,
-                     max_body_mb=max_body_mb, max_inputs=max_inputs, body_timeout_s=body_timeout_s)
+                     max_body_mb=max_body_mb, max_inputs=max_inputs, body_timeout_s=body_timeout_s,
+                     access_log=access_log, log_format=log_format, cors_origins=cors_origins or None)
         settings = ServeOptions(**{k: v for k, v in given.items() if v is not None},
                                 api_key=read_api_key(api_key_file, os.environ))
         filler = _load_filler(load)
@@ -499,7 +503,13 @@ def serve(
                 _say(f"warning: --host {settings.host} takes requests from other machines, and no API key is set "
                      "(PERCEIVER_API_KEY or --api-key-file)", "yellow")
 
-        run(filler, settings, announce=announce)
+        def log(line: str) -> None:  # best effort: a stderr that cannot be written never stops the server
+            try:
+                sys.stderr.write(line + "\n")
+            except (OSError, ValueError):
+                pass
+
+        run(filler, settings, announce=announce, log=log)
 
 
 @app.command()

@@ -19,14 +19,17 @@ reach the terminal raw.
 named perceiver_*; `GET /metrics` answers them in the text exposition format.
 
 The batcher reports each computation through `Metrics.computed` and each request's share
-through its `Timing` (the request's ASGI scope holds it as scope["state"]["timing"], so
-the app reads it as `request.state.timing`). This module knows nothing of the model.
+through its `Timing`, which `current()` gives to the code that answers the request (a
+context variable of the request's task: the app hands it to the batcher, and its error
+answers name the id). This module knows nothing of the model.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from contextvars import ContextVar
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,6 +46,14 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 ROUTES = ("/", "/v1/fill", "/health", "/info", "/metrics", "/openapi.json", "/docs")
 METHODS = ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH")  # any other is counted as "other"
 
+# Every answer's headers, and what they say (the API document quotes this).
+TIMING_HEADERS = {
+    "X-Request-ID": "The client's X-Request-ID when it is sane (1-128 of A-Z a-z 0-9 . _ : -), else a new one",
+    "X-Queue-Time": "Milliseconds the request's model work waited in the queue",
+    "X-Inference-Time": "Milliseconds of the model computation that answered it (shared with its batch)",
+    "X-Total-Time": "Milliseconds from the request's arrival to the answer's headers",
+}
+
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
@@ -56,6 +67,14 @@ class Timing:
     queue_s: float = 0.0  # waited in the queue before its computation started
     compute_s: float = 0.0  # the computations that answered it
     inputs: int = 0  # model inputs of those computations
+
+
+_CURRENT: ContextVar[Timing | None] = ContextVar("perceiver_request", default=None)
+
+
+def current() -> Timing | None:
+    """The `Timing` of the request being answered (None outside a request)."""
+    return _CURRENT.get()
 
 
 def request_id(given: bytes | None) -> str:
@@ -117,8 +136,11 @@ class Metrics:
         self.depth.set_function(queue_depth)
         self.in_flight = Gauge("perceiver_requests_in_flight", "HTTP requests being answered", registry=registry)
         model = Info("perceiver_model", "The model served and how it runs", registry=registry)
-        model.info({k: "" if about.get(k) is None else str(about[k])
-                    for k in ("model", "revision", "device", "dtype", "quantize", "parameters", "version")})
+        labels = {k: "" if about.get(k) is None else str(about[k])
+                  for k in ("model", "revision", "device", "dtype", "quantize", "parameters", "version")}
+        if os.path.isabs(labels["model"]):  # a local directory: its name, not where it lives (/metrics is open)
+            labels["model"] = os.path.basename(labels["model"].rstrip(os.sep))
+        model.info(labels)
 
     def computed(self, timings: list[Timing | None], queued_s: list[float], texts: int, inputs: int,
                  seconds: float) -> None:
@@ -186,9 +208,11 @@ class Observer:
             if name == b"x-request-id":
                 given = value
         timing = Timing(request_id(given))
-        scope.setdefault("state", {})["timing"] = timing
+        # Not reset: each request runs in a task of its own (a copy of the server's context), and
+        # Starlette's outermost error handler, which runs after this returns, names the id too.
+        _CURRENT.set(timing)
         route = route_of(scope.get("path", ""))
-        status, size, answered = 500, 0, None
+        status, size, answered = 499, 0, None  # 499 (nginx's): no answer was sent, the client had gone
 
         async def observed(message) -> None:
             nonlocal status, size, answered
@@ -196,10 +220,8 @@ class Observer:
                 answered = time.perf_counter() - start
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
-                headers += [(b"x-request-id", timing.request_id.encode()),
-                            (b"x-queue-time", _ms(timing.queue_s)),
-                            (b"x-inference-time", _ms(timing.compute_s)),
-                            (b"x-total-time", _ms(answered))]
+                values = (timing.request_id.encode(), _ms(timing.queue_s), _ms(timing.compute_s), _ms(answered))
+                headers += [(name.lower().encode(), value) for name, value in zip(TIMING_HEADERS, values)]
                 message = {**message, "headers": headers}
             elif message["type"] == "http.response.body":
                 size += len(message.get("body", b""))
@@ -208,11 +230,13 @@ class Observer:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, observed)
+        except BaseException:
+            if answered is None:  # Starlette's outermost handler answers it: a 500
+                status = 500
+            raise
         finally:
             self.metrics.in_flight.dec()
             total = answered if answered is not None else time.perf_counter() - start
-            if answered is None:
-                status = 499 if status == 500 else status  # no answer was sent: the client had gone
             method = scope.get("method", "")
             self.metrics.requests.labels(route, method if method in METHODS else "other", str(status)).inc()
             self.metrics.duration.labels(route).observe(total)

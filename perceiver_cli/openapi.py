@@ -13,18 +13,13 @@ import typing
 from dataclasses import MISSING, fields
 
 from . import __version__
+from .observe import TIMING_HEADERS
 from .options import CHOICE_SCORES, MAX_CHOICES, MAX_TOP_K, STRATEGIES, FillOptions
 
 REF = "#/components/schemas/"
 ENUMS = {"strategy": list(STRATEGIES), "choice_score": list(CHOICE_SCORES)}
 BOUNDS = {"top_k": (1, MAX_TOP_K), "beam_width": (1, MAX_TOP_K), "max_span": (1, None), "iterative_passes": (1, None),
           "length_candidates": (0, None), "length_alpha": (0, 10), "length_prior": (0, 10)}
-TIMING_HEADERS = {
-    "X-Request-ID": "The client's X-Request-ID when it is sane (1-128 of A-Z a-z 0-9 . _ : -), else a new one",
-    "X-Queue-Time": "Milliseconds the request's model work waited in the queue",
-    "X-Inference-Time": "Milliseconds of the model computation that answered it (shared with its batch)",
-    "X-Total-Time": "Milliseconds from the request's arrival to the answer's headers",
-}
 
 
 def _type_schema(annotation) -> dict:
@@ -74,7 +69,9 @@ BASE64 = {"type": "string", "contentEncoding": "base64"}
 
 
 def schemas() -> dict:
-    candidate = _object({"fill": STRING, "bytes": BYTES, "logprob": NUMBER}, ["fill", "bytes", "logprob"])
+    candidate = _object({"fill": STRING, "bytes": BYTES, "logprob": NUMBER,
+                         "score": {"type": "number", "description": "a choice's: what ranked it, under score_rule"},
+                         "score_rule": {"type": "string", "enum": list(CHOICE_SCORES)}}, ["fill", "bytes", "logprob"])
     alternative = _object({"byte": {"type": "integer", "minimum": 0, "maximum": 255}, "logprob": NUMBER},
                           ["byte", "logprob"])
     span = _object({"start": INTEGER, "length": INTEGER, "fill": STRING, "bytes": BYTES, "logprob": NUMBER,
@@ -89,8 +86,9 @@ def schemas() -> dict:
                          "byte_logprobs": {"type": "array", "items": NUMBER},
                          "alternatives": {"type": "array", "items": {"type": "array", "items": {
                              "type": "array", "prefixItems": [INTEGER, NUMBER], "minItems": 2, "maxItems": 2}}},
-                         "candidates": {"type": "array", "items": {
-                             "type": "array", "prefixItems": [BASE64, NUMBER], "minItems": 2, "maxItems": 2}},
+                         "candidates": {"type": "array", "items": {  # [data, logprob], a choice's + [score, rule]
+                             "type": "array", "prefixItems": [BASE64, NUMBER, NUMBER, STRING], "minItems": 2,
+                             "maxItems": 4}},
                          "from_choices": BOOLEAN},
                         ["start", "length", "data", "logprob", "byte_logprobs", "alternatives", "candidates"])
     wire = _object({"data": BASE64, "pieces": {"type": "array", "items": BASE64},

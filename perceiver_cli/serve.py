@@ -38,14 +38,16 @@ from typing import Any, Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import __version__
+from . import __version__, page
 from .batcher import Batcher, Cancelled, QueueFull, TooMuchWork
 from .errors import InputError, PerceiverError
 from .fillmask import HFJob, hf_answer, hf_job, json_type
+from .observe import TIMING_HEADERS, Metrics, Observer, current
 from .options import FillOptions, OptionError, ServeOptions
 from .results import dumps, result_to_wire
 
@@ -104,7 +106,10 @@ def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> R
 
 
 def error_response(status: int, message: str, headers: dict | None = None, **extra) -> Response:
-    return json_response({"error": " ".join(str(message).split()), **extra}, status, headers)
+    """`{"error": message, ...}`, naming the request's id (X-Request-ID) for a client to quote."""
+    timing = current()
+    ids = {"request_id": timing.request_id} if timing is not None else {}
+    return json_response({"error": " ".join(str(message).split()), **extra, **ids}, status, headers)
 
 
 async def read_json(request: Request, limit: int, timeout: float | None = None) -> Any:
@@ -144,8 +149,9 @@ async def read_json(request: Request, limit: int, timeout: float | None = None) 
         raise HTTPException(400, f"request body is not valid JSON: {e}") from None
 
 
-def build_app(filler, options: ServeOptions) -> Starlette:
-    """The ASGI app serving `filler` (a loaded MaskFiller); `app.state.batcher` its batcher."""
+def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None = None) -> Starlette:
+    """The ASGI app serving `filler` (a loaded MaskFiller); `app.state.batcher` its batcher.
+    `log(line)` takes the access log's lines (with `options.access_log`)."""
 
     def compute(jobs: list, before_pass: Callable[[int], None]) -> list:
         """The answers of jobs of one kind: all fill-mask, or all /v1/fill with equal options."""
@@ -162,11 +168,12 @@ def build_app(filler, options: ServeOptions) -> Starlette:
         finally:
             filler.runner.before_pass = None
 
+    static_info = describe(filler, options)
+    metrics = Metrics(static_info, lambda: batcher.waiting)
     batcher = Batcher(compute, key=lambda job: job.options if isinstance(job, FillJob) else "fill-mask",
                       max_batch=options.max_batch, batch_wait=options.batch_wait_ms / 1000,
-                      queue_size=options.queue_size, max_inputs=options.max_inputs)
+                      queue_size=options.queue_size, max_inputs=options.max_inputs, observe=_observer(metrics))
     window = filler.model.cfg.max_position_embeddings
-    static_info = describe(filler, options)
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -177,22 +184,27 @@ def build_app(filler, options: ServeOptions) -> Starlette:
 
     async def fill_mask(request: Request) -> Response:
         job = hf_job(await read_json(request, options.max_body, options.body_timeout_s), window)
-        return json_response(await batcher.submit(job, 1, lambda: _disconnected(request)))
+        return json_response(await batcher.submit(job, 1, lambda: _disconnected(request), tag=current()))
 
     async def fill(request: Request) -> Response:
         job = fill_job(await read_json(request, options.max_body, options.body_timeout_s))
-        results = await batcher.submit(job, len(job.texts), lambda: _disconnected(request))
+        results = await batcher.submit(job, len(job.texts), lambda: _disconnected(request), tag=current())
         if job.single:
             if isinstance(results[0], Exception):
                 raise results[0]
             return json_response(_result_json(results[0], job))
         return json_response([_result_json(r, job) for r in results])
 
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.exposition(), media_type=metrics.content_type)
+
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
         Route("/", fill_mask, methods=["POST"]),
         Route("/v1/fill", fill, methods=["POST"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        *page.routes(),  # GET / for browsers, its assets, /docs, /openapi.json
     ]
 
     @asynccontextmanager
@@ -246,10 +258,39 @@ def build_app(filler, options: ServeOptions) -> Starlette:
         Exception: internal_error,  # a bug: answered, then re-raised by Starlette for uvicorn to log
     }
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                    middleware=[Middleware(_Guard, api_key=options.api_key)])
+                    middleware=[Middleware(Observer, metrics=metrics, log=log if options.access_log else None,
+                                           log_format=options.log_format),
+                                *_cors(options.cors_origins), Middleware(_Guard, api_key=options.api_key)])
     app.router.redirect_slashes = False  # /info/ is a 404 like any unknown path, not a redirect
     app.state.batcher = batcher
     return app
+
+
+def _observer(metrics: Metrics):
+    """The batcher's report of each computation, for the metrics and its requests' timings."""
+
+    def observe(items, inputs: int, started: float, seconds: float) -> None:
+        metrics.computed([w.tag for w in items], [started - w.queued for w in items], sum(w.size for w in items),
+                           inputs, seconds)
+
+    return observe
+
+
+def _cors(origins: tuple[str, ...]) -> list[Middleware]:
+    """Starlette's CORS middleware for `--cors-origin`s (outside the API key's guard: a
+    browser's preflight carries no key); none without origins."""
+    if not origins:
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                       expose_headers=list(TIMING_HEADERS), max_age=600)]
+
+
+def warm_up(filler) -> None:
+    """One forward pass, so that the first request costs what the others do (torch sets up
+    its kernels and memory on the first pass)."""
+    job = hf_job({"inputs": "warm [MASK] up"}, filler.model.cfg.max_position_embeddings)
+    filler.logprobs([(job.ids, job.positions)])
 
 
 async def _disconnected(request: Request) -> None:
@@ -259,15 +300,17 @@ async def _disconnected(request: Request) -> None:
 
 
 class _Guard:
-    """ASGI middleware: with an API key, every request but GET /health needs
-    `Authorization: Bearer <key>` (compared in constant time), else 401."""
+    """ASGI middleware: with an API key, every request needs `Authorization: Bearer <key>`
+    (compared in constant time), else 401; but GET /health and /metrics (what a supervisor
+    and a Prometheus scraper ask, without a key of their own; neither holds a request's
+    text), the page a browser loads, its assets and the API document (`page.is_open`)."""
 
     def __init__(self, app, api_key: str | None):
         self.app = app
         self.digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if self.digest is not None and scope["type"] == "http" and scope.get("path") != "/health":
+        if self.digest is not None and scope["type"] == "http" and not _open(scope):
             header = b""
             for name, value in scope.get("headers", ()):
                 if name == b"authorization":
@@ -280,6 +323,10 @@ class _Guard:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _open(scope) -> bool:
+    return scope.get("path") in ("/health", "/metrics") or page.is_open(scope)
 
 
 def describe(filler, options: ServeOptions) -> dict:
@@ -345,12 +392,14 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run(filler, options: ServeOptions, *, announce: Callable[[str], None] | None = None) -> None:
+def run(filler, options: ServeOptions, *, announce: Callable[[str], None] | None = None,
+        log: Callable[[str], None] | None = None) -> None:
     """Serve `filler` in the foreground until SIGTERM or Ctrl-C: then stop accepting,
-    answer the requests in flight, and return. Call from the main thread."""
+    answer the requests in flight, and return. Call from the main thread. One forward pass
+    warms the model up before `announce`; `log` takes the access log's lines."""
     import uvicorn
 
-    app = build_app(filler, options)
+    app = build_app(filler, options, log)
     batcher = app.state.batcher
     sock = listen(options.host, options.port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
@@ -388,6 +437,7 @@ def run(filler, options: ServeOptions, *, announce: Callable[[str], None] | None
     # graceful stop returns normally (exit 0).
     quiet = {sig: signal.signal(sig, lambda sig, _: early.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        warm_up(filler)  # a signal meanwhile is recorded, and acted on once the server runs
         server.run(sockets=[sock])
     finally:
         for sig, handler in quiet.items():

@@ -168,7 +168,7 @@ def test_bad_request_is_a_4xx_with_one_json_line_and_the_server_lives_on(tiny_se
                                                         headers={"Content-Type": "application/json"})
     assert got == status, payload
     assert headers["content-type"] == "application/json"
-    assert payload.count(b"\n") == 0 and isinstance(answer, dict) and set(answer) <= {"error", "option", "rule"}
+    assert payload.count(b"\n") == 0 and isinstance(answer, dict) and set(answer) <= {"error", "option", "rule", "request_id"}
     assert fragment in answer["error"], answer
     assert tiny_server.request("GET", "/health")[3] == {"status": "ok"}
 

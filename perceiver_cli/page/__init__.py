@@ -34,6 +34,7 @@ def config() -> dict:
         "bands": [{"min": lowest, "colour": colour, "label": label} for lowest, colour, label in render.CONFIDENCE],
         "strategies": list(STRATEGIES),
         "default_strategy": FillOptions.strategy,
+        "default_top_k": FillOptions.top_k,
         "max_top_k": MAX_TOP_K,
         "bidi": sorted(render._BIDI),
         "max_chars": MAX_CHARS,

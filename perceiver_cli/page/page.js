@@ -72,7 +72,6 @@ async function showModel() {
     const info = await call("GET", "/info");
     const quantized = info.quantize && info.quantize !== "none" ? ", " + info.quantize : "";
     $("model").textContent = `model: ${info.model} (${info.device}, ${info.dtype}${quantized})`;
-    $("top-k").max = String(config.max_top_k);
   } catch (e) {
     $("model").textContent = "model: unknown (" + e.message + ")";
   }
@@ -245,17 +244,26 @@ function spanElement(span, k) {
 function details(k) {
   const span = answer.spans[k];
   $("details-title").textContent = `Fill ${k + 1} (at character ${span.start}, ${span.length} bytes)`;
-  const rows = [];
+  // as render.candidates: a choice's candidates also show the score that ranked them, apart
   const candidates = span.from_choices ? span.candidates : span.candidates.slice(0, Math.max(topK, 1));
-  candidates.forEach(([data, logprob], rank) => {
+  const rule = (candidates.find((c) => c.length > 2) || [])[3];
+  const head = ["#", "fill", ...(rule ? [`score (${rule})`] : []), "P(fill)", "logprob"];
+  $("candidates").tHead.replaceChildren(row(head, "th"));
+  const rows = candidates.map(([data, logprob, score], rank) => {
     const p = Math.exp(logprob);
-    rows.push(row([String(rank + 1), showFill(utf8.decode(fromBase64(data))), [percent(p), band(p)], logprob.toFixed(3)]));
+    const scored = rule ? [score === undefined ? "" : score.toFixed(3)] : [];
+    return row([String(rank + 1), showFill(utf8.decode(fromBase64(data))), ...scored, [percent(p), band(p)], logprob.toFixed(3)]);
   });
   $("candidates").tBodies[0].replaceChildren(...rows);
+  // as render.explain: the byte filled there (a search or a choice may fill another than the
+  // model's best) and the most probable other bytes at that position
+  const data = fromBase64(span.data);
   const bytes = span.alternatives.map((alts, i) => {
-    const [chosen, lp] = alts[0];
-    const rest = alts.slice(1).map(([b, l]) => `${showByte(b)} ${percent(Math.exp(l))}`).join("   ");
-    return row([String(i + 1), [`${showByte(chosen)} ${percent(Math.exp(lp))}`, band(Math.exp(lp))], rest]);
+    const filled = data[i];
+    const lp = span.byte_logprobs[i];
+    const rest = alts.filter(([b]) => b !== filled).slice(0, Math.max(alts.length - 1, 0))
+      .map(([b, l]) => `${showByte(b)} ${percent(Math.exp(l))}`).join("   ");
+    return row([String(i + 1), [`${showByte(filled)} ${percent(Math.exp(lp))}`, band(Math.exp(lp))], rest]);
   });
   $("bytes").tBodies[0].replaceChildren(...bytes);
   $("details").hidden = false;
@@ -264,10 +272,11 @@ function details(k) {
   if (chosen) chosen.setAttribute("aria-pressed", "true");
 }
 
-function row(cells) {
+function row(cells, tag = "td") {
   const tr = document.createElement("tr");
   for (const cell of cells) {
-    const td = document.createElement("td");
+    const td = document.createElement(tag);
+    if (tag === "th") td.scope = "col";
     if (Array.isArray(cell)) {
       td.textContent = cell[0];
       td.className = "band-" + cell[1].colour;
@@ -289,6 +298,7 @@ function setup() {
     $("strategy").appendChild(option);
   }
   $("top-k").max = String(config.max_top_k);
+  $("top-k").value = String(config.default_top_k);
   const legend = $("legend");
   legend.appendChild(document.createTextNode("fill confidence: "));
   for (const b of config.bands) {
