@@ -72,6 +72,17 @@ def run_case(name: str) -> dict:
             "code": str(Path(perceiver_cli.__file__).parent.parent)}
 
 
+def _peak_mb(pid: int) -> int:
+    """The peak resident memory of a running process (VmHWM), in MB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
 def main(argv: list[str]) -> int:
     name = argv[0] if argv else "all"
     timeout = float(argv[argv.index("--timeout") + 1]) if "--timeout" in argv else 300
@@ -84,15 +95,27 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     for case in CASES:
         t0 = time.perf_counter()
-        try:
-            done = subprocess.run([sys.executable, __file__, case, "--memory-mb", str(ceiling)], env=env,
-                                  capture_output=True, text=True, timeout=timeout)
-            line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else json.dumps(
-                {"case": case, "outcome": f"died: {done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else done.returncode}",
-                 "seconds": round(time.perf_counter() - t0, 2)})
-        except subprocess.TimeoutExpired:
-            line = json.dumps({"case": case, "outcome": f"out of time (> {timeout:.0f} s)", "seconds": timeout})
-        print(line, flush=True)
+        child = subprocess.Popen([sys.executable, __file__, case, "--memory-mb", str(ceiling)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        peak = 0
+        while child.poll() is None and time.perf_counter() - t0 < timeout:
+            peak = max(peak, _peak_mb(child.pid))
+            time.sleep(0.2)
+        if child.poll() is None:  # out of time: what it held so far
+            peak = max(peak, _peak_mb(child.pid))
+            child.kill()
+            child.communicate()
+            print(json.dumps({"case": case, "outcome": f"out of time (> {timeout:.0f} s)", "seconds": timeout,
+                              "peak_mb": peak}), flush=True)
+            continue
+        out, err = child.communicate()
+        if out.strip():
+            print(out.strip().splitlines()[-1], flush=True)
+        else:
+            last = err.strip().splitlines()[-1] if err.strip() else f"exit {child.returncode}"
+            what = "out of memory" if "allocate memory" in last or "MemoryError" in last else f"died: {last[:200]}"
+            print(json.dumps({"case": case, "outcome": what, "seconds": round(time.perf_counter() - t0, 2),
+                              "peak_mb": peak}), flush=True)
     return 0
 
 
