@@ -503,13 +503,19 @@ def serve(
                 _say(f"warning: --host {settings.host} takes requests from other machines, and no API key is set "
                      "(PERCEIVER_API_KEY or --api-key-file)", "yellow")
 
-        def log(line: str) -> None:  # best effort: a stderr that cannot be written never stops the server
+        from .observe import LineWriter
+
+        def write(text: str) -> None:  # best effort: a stderr that cannot be written never stops the server
             try:
-                sys.stderr.write(line + "\n")
+                sys.stderr.write(text)
             except (OSError, ValueError):
                 pass
 
-        run(filler, settings, announce=announce, log=log)
+        access_log = LineWriter(write)  # nor a slow one: the lines are written by a thread of their own
+        try:
+            run(filler, settings, announce=announce, log=access_log)
+        finally:
+            access_log.close()
 
 
 @app.command()

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-from contextvars import ContextVar
+import threading
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
@@ -177,6 +179,44 @@ def access_line(fmt: str, *, at: float, request_id: str, method: str, path: str,
     return (f"{when} {fields['id']} {fields['method']} {fields['path']} {status} {size}B "
             f"total={total_s * 1000:.1f}ms queue={timing.queue_s * 1000:.1f}ms "
             f"compute={timing.compute_s * 1000:.1f}ms inputs={timing.inputs}")
+
+
+class LineWriter:
+    """The access log's lines, written by a thread of its own: a slow or stalled stream (a
+    pipe that nobody reads) never holds up the server. Past `backlog` lines waiting, a line
+    is dropped and counted; the count is written once the stream takes lines again, and at
+    `close()`, which writes what waits (for at most `timeout` seconds)."""
+
+    def __init__(self, write: Callable[[str], object], backlog: int = 10_000):
+        self.write, self.backlog = write, backlog
+        self.lines: queue.Queue = queue.Queue()
+        self.dropped, self.count = 0, threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="perceiver-access-log", daemon=True)
+        self.thread.start()
+
+    def __call__(self, line: str) -> None:
+        if self.lines.qsize() >= self.backlog:
+            with self.count:
+                self.dropped += 1
+        else:
+            self.lines.put(line)
+
+    def _run(self) -> None:
+        while (line := self.lines.get()) is not None:
+            self._say_dropped()
+            self.write(line + "\n")
+
+    def _say_dropped(self) -> None:
+        with self.count:
+            dropped, self.dropped = self.dropped, 0
+        if dropped:
+            self.write(f"access log: {dropped} lines dropped (stderr took them too slowly)\n")
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.lines.put(None)
+        self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self._say_dropped()
 
 
 def _target(scope) -> str:

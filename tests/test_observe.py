@@ -91,6 +91,29 @@ def test_a_computation_is_counted_once_and_shared_by_its_requests():
     assert "perceiver_queue_depth 7.0" in text
 
 
+def test_the_log_writer_never_waits_for_its_stream_and_says_what_it_dropped():
+    import threading
+
+    from perceiver_cli.observe import LineWriter
+
+    writing, release, written = threading.Event(), threading.Event(), []
+
+    def slow(text: str) -> None:  # a stream nobody reads, until `release`
+        writing.set()
+        release.wait()
+        written.append(text)
+
+    log = LineWriter(slow, backlog=3)
+    log("line 0")
+    assert writing.wait(10)  # the writer holds line 0, stuck in the stream
+    for k in range(1, 10):
+        log(f"line {k}")  # returns at once: 3 lines wait, 6 are dropped
+    release.set()
+    log.close()
+    assert written == ["line 0\n", "access log: 6 lines dropped (stderr took them too slowly)\n",
+                       "line 1\n", "line 2\n", "line 3\n"]
+
+
 # -- on a real server -----------------------------------------------------------------------------
 
 
