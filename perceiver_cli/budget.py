@@ -136,7 +136,7 @@ def estimate(template: Template, options: FillOptions, window: int) -> Cost:
             total = max(0, options.max_span - first + 1)
             k = total if options.length_candidates is None else min(options.length_candidates, total)
             cost.add("inputs", k, "lengths")
-            cost.add("search", k * m * 256 + (total * total // 2 if k else 0), "lengths")
+            cost.add("search", k * options.max_span * 256 + (total * total // 2 if k else 0), "lengths")
             scoring += k * m
     cost.add("memory", min(scoring, CHUNK_ROWS) * ROW, "lengths")
     # the strategy

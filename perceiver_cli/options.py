@@ -261,7 +261,7 @@ class Budget(_Options):
     a 400) naming the option to turn. The defaults let any document of ordinary size be
     filled with any strategy, and refuse requests that would take gigabytes or hours."""
 
-    max_inputs: int = 10_000  # model inputs (a window in one pass); ~1 s each on the full model's CPU
+    max_inputs: int = 20_000  # model inputs (a window in one pass); ~1 s each on the full model's CPU
     max_search: int = 2_000  # millions of scores the search handles outside the passes (~1 s per 500)
     max_memory_mb: int = 2_048  # estimated peak memory; texts of one call are filled in groups under it
     max_answer_mb: int = 64  # estimated size of the text's answer in JSON (explain, candidates, choices)
