@@ -310,14 +310,17 @@ def fill_lines(
         number += 1
         pending.append((number, line, end))
         if number % chunk == 0 or not reader.ready():
-            yield from _fill_chunk(fill_many, pending, options, skip)
+            yield from fill_chunk(fill_many, pending, options, skip)
             pending = []
     if number < skip:
         raise InputError(f"cannot resume: the output already has {skip} lines, the input only {number}")
-    yield from _fill_chunk(fill_many, pending, options, skip)
+    yield from fill_chunk(fill_many, pending, options, skip)
 
 
-def _fill_chunk(fill_many: FillMany, pending, options: FillOptions, skip: int) -> Iterator[Outcome]:
+def fill_chunk(fill_many: FillMany, pending: list, options: FillOptions, skip: int = 0) -> Iterator[Outcome]:
+    """The outcomes of one chunk's lines after the first `skip`. `pending` holds (number,
+    line, end) per line, line None for a line too long to keep (an error); a blank line
+    (only ASCII whitespace) is passed through; the others go through one `fill_many` call."""
     texts = [line.decode("utf-8", "surrogateescape") for _, line, _ in pending if line is not None and line.strip()]
     results = iter(fill_many(texts, options) if texts else [])
     for number, line, end in pending:
@@ -347,20 +350,36 @@ class Tally:
         else:
             self.filled += 1
 
+    def __add__(self, other: "Tally") -> "Tally":
+        return Tally(self.filled + other.filled, self.failed + other.failed, self.blank + other.blank)
+
     def summary(self) -> str:
         text = f"{self.filled} filled, {self.failed} failed"
         return text + (f", {self.blank} blank passed through" if self.blank else "")
+
+
+def report(stderr: "Console", tally: Tally, note: str = "") -> None:
+    """The run's summary (and `note`) on stderr, when a line failed or stderr is a terminal."""
+    from rich.text import Text
+
+    if tally.failed or stderr.is_terminal:
+        stderr.print(Text(tally.summary() + note, style="bold red" if tally.failed else "green"), soft_wrap=True)
+
+
+def record(o: Outcome, options: FillOptions) -> dict:
+    """The JSON object of one input line (`--json`): filled, failed or blank."""
+    if o.result is None:
+        return blank_record(o.number, o.line.decode("utf-8", "replace"))
+    if isinstance(o.result, Exception):
+        return error_record(o.number, str(o.result))
+    return line_record(o.number, o.result, options.top_k, options.explain)
 
 
 def output_line(o: Outcome, options: FillOptions, as_json: bool) -> bytes:
     """The output line of one input line: a JSON Lines object, or the plain filled line (a
     line that failed or was blank comes back as it was)."""
     if as_json:
-        if o.result is None:
-            return json_line(blank_record(o.number, o.line.decode("utf-8", "replace")))
-        if isinstance(o.result, Exception):
-            return json_line(error_record(o.number, str(o.result)))
-        return json_line(line_record(o.number, o.result, options.top_k, options.explain))
+        return json_line(record(o, options))
     data = o.line if o.result is None or isinstance(o.result, Exception) else o.result.data
     return data + (o.end or b"\n")
 
@@ -402,38 +421,49 @@ def run(
         raise
     finally:
         bar.stop()
-    if tally.failed or stderr.is_terminal:
-        summary = tally.summary() + (f" ({output.skip} lines already in {output.path})" if output.skip else "")
-        stderr.print(Text(summary, style="bold red" if tally.failed else "green"), soft_wrap=True)
+    report(stderr, tally, f" ({output.skip} lines already in {output.path})" if output.skip else "")
     return tally.failed
 
 
-class _Bar:
-    """The progress bar of a run on `console` (None: no bar): lines done, lines per second
-    and, when the input is a regular file, the time left from the bytes read."""
+class ProgressBar:
+    """A progress bar on `console` (None: no bar): the lines done, lines per second (of
+    this run) and, when `total` is known, the time left. `completed` and `total` are in
+    any unit (bytes of input for batch mode, lines for ray-fill)."""
 
-    def __init__(self, console: "Console | None", reader: LineReader, source: BinaryIO, skip: int):
-        self.reader, self.skip, self.done, self.start = reader, skip, 0, time.perf_counter()
+    def __init__(self, console: "Console | None", total: int | None, completed: int = 0, lines: int = 0):
+        self.first, self.start = lines, time.perf_counter()
         self.progress = _progress(console) if console is not None else None
         if self.progress is not None:
             self.progress.start()
-            self.task = self.progress.add_task("filling", total=_size(source), completed=reader.consumed, lines=skip, rate="-")
+            self.task = self.progress.add_task("filling", total=total, completed=completed, lines=lines, rate="-")
+
+    def update(self, completed: int, lines: int) -> None:
+        if self.progress is not None:
+            rate = (lines - self.first) / max(time.perf_counter() - self.start, 1e-9)
+            self.progress.update(self.task, completed=completed, lines=lines, rate=f"{rate:.1f}")
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class _Bar:
+    """Batch mode's `ProgressBar`, over the bytes of the input read."""
+
+    def __init__(self, console: "Console | None", reader: LineReader, source: BinaryIO, skip: int):
+        self.reader, self.skip, self.done = reader, skip, 0
+        self.bar = ProgressBar(console, _size(source), reader.consumed, skip)
 
     def advance(self, every: int) -> None:
         """One more line written; the bar is redrawn once a chunk or when input is awaited."""
         self.done += 1
-        if self.progress is not None and (not self.reader.ready() or self.done % every == 0):
-            self._update()
-
-    def _update(self) -> None:
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, completed=self.reader.consumed, lines=self.skip + self.done, rate=f"{rate:.1f}")
+        if self.bar.progress is not None and (not self.reader.ready() or self.done % every == 0):
+            self.bar.update(self.reader.consumed, self.skip + self.done)
 
     def stop(self) -> None:
-        if self.progress is not None:
-            self._update()
-            self.progress.stop()
-            self.progress = None
+        self.bar.update(self.reader.consumed, self.skip + self.done)
+        self.bar.stop()
 
 
 def can_redraw(console: "Console") -> bool:
