@@ -503,19 +503,13 @@ def serve(
                 _say(f"warning: --host {settings.host} takes requests from other machines, and no API key is set "
                      "(PERCEIVER_API_KEY or --api-key-file)", "yellow")
 
-        from .observe import LineWriter
-
-        def write(text: str) -> None:  # best effort: a stderr that cannot be written never stops the server
+        def log(line: str) -> None:  # best effort: a stderr that cannot be written never stops the server
             try:
-                sys.stderr.write(text)
+                sys.stderr.write(line + "\n")
             except (OSError, ValueError):
                 pass
 
-        access_log = LineWriter(write)  # nor a slow one: the lines are written by a thread of their own
-        try:
-            run(filler, settings, announce=announce, log=access_log)
-        finally:
-            access_log.close()
+        run(filler, settings, announce=announce, log=log)
 
 
 @app.command()
@@ -590,6 +584,8 @@ def ray_fill(
     quantize: str = QuantizeOpt,
     dtype: str = DtypeOpt,
     offline: bool = OfflineOpt,
+    choice: Optional[list[str]] = typer.Option(None, "--choice", metavar="WORD", help="Fill every [MASK] with the best of these words (repeat --choice; any lengths); each record lists them all with their scores."),
+    resume: bool = typer.Option(False, "--resume", help="Go on after an interrupted run: skip the files complete with these inputs and options, continue the one cut off."),
 ):
     """Fill every line of many files on Ray (a local one, or a cluster with GPUs).
 
@@ -602,33 +598,32 @@ def ray_fill(
       perceiver ray-fill corpus/ -o filled/
       perceiver ray-fill 'logs/**/*.txt' -o filled/ --actors 2 --quantize int8
       perceiver ray-fill corpus/ -o filled/ --address HEAD:6379 --actors 8 --gpus-per-actor 1
+      perceiver ray-fill corpus/ -o filled/ --resume      # after Ctrl-C or a crash: go on
 
     Exit status: 0 every line filled, 1 a line failed (or the run failed), 2 bad usage,
     an unreadable input or no Ray installed (before Ray starts), 130 interrupted.
     """
     with _failures():
-        from .errors import InputError
-
-        options = FillOptions(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token, explain=explain)
+        options = FillOptions(strategy=strategy, top_k=top_k, max_span=max_span, mask_token=mask_token, explain=explain,
+                              choices=tuple(choice or ()))
         load = LoadOptions(model=model, revision=revision, device=device, dtype=dtype, quantize=quantize,
                            offline=offline, batch_size=batch_size)
-        if load.quantize != "none" and gpus_per_actor:
-            raise InputError("--quantize int8 runs on the CPU only: leave --gpus-per-actor at 0")
-        from . import ray_fill as rf
-
         settings = RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor,
-                               cpus_per_actor=cpus_per_actor, quiet_ray=not _debug())
-        rf.require_ray()
-        found = rf.expand_inputs(inputs, output)
-        rf.prepare_output(output)
-        stderr = _stderr_console()
-        counts = rf.run(found, output, load, options, settings, stderr=stderr)
-        if counts.failed or stderr.is_terminal:
-            from rich.text import Text
+                              cpus_per_actor=cpus_per_actor, quiet_ray=not _debug())
+        settings.check_load(load)
+        from . import corpus
+        from . import ray_fill as rf
+        from .batch import report
 
-            summary = counts.summary() + (f" ({counts.files} files in {output})" if stderr.is_terminal else "")
-            stderr.print(Text(summary, style="bold red" if counts.failed else "green"), soft_wrap=True)
-        if counts.failed:
+        rf.require_ray()
+        found = corpus.expand_inputs(inputs, output)
+        with corpus.OutputFolder(output) as folder:  # locked: a second run on DIR is exit 2 at once
+            folder.plan(found, corpus.run_key(load, options), resume=resume)
+            stderr = _stderr_console()
+            tally = rf.run(found, folder, load, options, settings, stderr=stderr)
+        notes = ([f"{len(found)} files in {output}"] if stderr.is_terminal else []) + corpus.already(found)
+        report(stderr, tally, f" ({'; '.join(notes)})" if notes else "")
+        if tally.failed:
             raise typer.Exit(1)
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,11 @@ from typer.testing import CliRunner  # noqa: E402
 
 from perceiver_cli import ray_fill as rf  # noqa: E402
 from perceiver_cli.cli import app  # noqa: E402
+from perceiver_cli.corpus import JOURNAL, OutputFolder, expand_inputs  # noqa: E402
 from perceiver_cli.filler import MaskFiller  # noqa: E402
 from perceiver_cli.options import FillOptions, LoadOptions, RayOptions  # noqa: E402
 
-from .conftest import perceiver, process_env, read_pty  # noqa: E402
+from .conftest import ctrl_c_reaches_it, perceiver, process_env, read_pty  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,8 +88,9 @@ def batch_records(checkpoint: Path, path: Path, *args: str) -> list[dict]:
 
 
 def read_output(directory: Path) -> dict[str, list[dict]]:
-    """Each output file's records, by file name (hidden partial files must not remain)."""
-    names = sorted(os.listdir(directory))
+    """Each output file's records, by file name (hidden partial files must not remain; the
+    journal of --resume is the one hidden file)."""
+    names = sorted(n for n in os.listdir(directory) if n != JOURNAL)
     assert not [n for n in names if n.startswith(".")], names
     return {name: [json.loads(line) for line in (directory / name).read_text("utf-8").splitlines()] for name in names}
 
@@ -195,16 +199,16 @@ def test_a_model_that_does_not_fit_is_one_line(cluster, tiny_checkpoint, tmp_pat
     """--max-span longer than the model's window: found by the actors, exit 2 as for fill;
     a model that is not there: exit 1. No output file is left behind."""
     source = write(tmp_path / "in.txt", b"a [MASK] b\n")
-    common = ("--address", cluster, "-o", str(tmp_path / "out"))
-    runs = [subprocess.Popen(perceiver("ray-fill", str(source), *common, *args), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=process_env(tmp_path))
-            for args in (("-m", str(tiny_checkpoint), "--max-span", "100"), ("-m", str(tmp_path / "missing")))]
+    runs = [subprocess.Popen(perceiver("ray-fill", str(source), "--address", cluster, "-o", str(tmp_path / f"out{i}"),
+                                       *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=process_env(tmp_path))
+            for i, args in enumerate((("-m", str(tiny_checkpoint), "--max-span", "100"),
+                                      ("-m", str(tmp_path / "missing"))))]  # two folders: each run locks its own
     (out1, err1), (out2, err2) = (p.communicate(timeout=300) for p in runs)
     assert (runs[0].returncode, out1) == (2, b"")
     assert err1.decode() == "error: --max-span must be between 1 and 62 bytes, this model's window (got 100)\n"
     assert runs[1].returncode == 1
     assert err2.decode().startswith("error: local model directory") and err2.count(b"\n") == 1
-    assert os.listdir(tmp_path / "out") == []
+    assert os.listdir(tmp_path / "out0") == os.listdir(tmp_path / "out1") == []
 
 
 # -- before Ray: usage, inputs, no ray ----------------------------------------------------------
@@ -220,6 +224,7 @@ def test_bad_usage_and_unreadable_inputs_exit_2_before_ray(tmp_path):
     unreadable.chmod(0)
     (tmp_path / "done").mkdir()
     write(tmp_path / "done" / "old.jsonl", b"{}\n")
+    os.mkfifo(tmp_path / "pipe")  # no writer: opening it would wait forever
     cases = {
         ("-",): "ray-fill reads files, not standard input",
         ("empt*",): "no file matches empt*",  # a glob of directories without files
@@ -235,6 +240,8 @@ def test_bad_usage_and_unreadable_inputs_exit_2_before_ray(tmp_path):
         ("ok.txt", "--quantize", "int8", "--gpus-per-actor", "1"): "int8 runs on the CPU only",
         ("ok.txt", "-o", "file_not_dir"): "--output file_not_dir is not a directory",
         ("ok.txt", "--bogus"): "No such option: --bogus",
+        ("ok.txt", "pipe"): "pipe is a named pipe, not a regular file: ray-fill reads files",
+        ("/dev/null",): "/dev/null is a device, not a regular file",
     }
     if os.geteuid() != 0:  # root reads any file
         cases[("ok.txt", "secret.txt")] = "cannot read secret.txt: Permission denied"
@@ -251,15 +258,30 @@ def test_bad_usage_and_unreadable_inputs_exit_2_before_ray(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing made before the inputs were checked
 
 
+def test_a_second_run_on_the_output_folder_is_exit_2_at_once(tmp_path):
+    """While a run holds DIR's lock, another run on DIR writes nothing and does not reach Ray
+    (the closed --address would be exit 1)."""
+    write(tmp_path / "ok.txt", b"a [MASK:2] b\n")
+    write(tmp_path / "out" / "00001-ok.txt.jsonl", b"the first run's\n")
+    with OutputFolder(tmp_path / "out"):
+        proc = subprocess.run(perceiver("ray-fill", "ok.txt", "-o", "out", "--address", "127.0.0.1:9"), cwd=tmp_path,
+                              capture_output=True, env=process_env(tmp_path), timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.decode() == ("error: another run is writing to --output out (it holds the folder's lock): wait "
+                                    "for it to end, or write elsewhere\n")
+    assert os.listdir(tmp_path / "out") == ["00001-ok.txt.jsonl"]
+    assert (tmp_path / "out" / "00001-ok.txt.jsonl").read_bytes() == b"the first run's\n"
+
+
 def test_inputs_skip_the_output_directory_and_links_to_nowhere(tmp_path):
     data = tmp_path / "data"
     (data / "out").mkdir(parents=True)
     write(data / "a.txt", b"a [MASK:2]\n")
     write(data / "out" / "00001-a.txt.jsonl", b"{}\n")  # an earlier run's result
     (data / "gone.txt").symlink_to(tmp_path / "nowhere")
-    found = [i.path for i in rf.expand_inputs([str(data)], data / "out")]
+    found = [i.path for i in expand_inputs([str(data)], data / "out")]
     assert found == [str(data / "a.txt")]
-    assert [i.path for i in rf.expand_inputs([str(data / "**")], data / "out")] == found
+    assert [i.path for i in expand_inputs([str(data / "**")], data / "out")] == found
 
 
 def test_without_ray_one_line_how_to_install(tmp_path):
@@ -287,6 +309,103 @@ def test_only_ray_fill_imports_ray():
             assert not re.search(r"^\s*(import ray\b|from ray\b)", path.read_text(), re.M), path
 
 
+def test_long_and_latin_1_file_names(cluster, tiny_checkpoint, tmp_path):
+    """A 244-byte name (legal; its output name and partial name were past NAME_MAX: the run
+    failed after Ray started, with no output at all) gets a shortened output name; a name
+    that is not UTF-8 is valid JSON in "file", the very bytes back with surrogateescape.
+    Nothing on stderr: no line from Ray either."""
+    long = write(tmp_path / ("n" * 240 + ".txt"), b"long [MASK:2] name\n")
+    latin = write(Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.txt")), b"latin [MASK:2] name\nno marker\n")
+    proc = subprocess.run(perceiver("ray-fill", str(long), str(latin), "-o", str(tmp_path / "out"), "--address",
+                                    cluster, "-m", str(tiny_checkpoint), "--batch-size", BATCH),
+                          capture_output=True, env=process_env(tmp_path), timeout=300)
+    assert proc.returncode == 1 and proc.stderr == b"2 filled, 1 failed\n"  # "no marker" failed: the summary, only
+    names = sorted(n for n in os.listdir(tmp_path / "out") if n != JOURNAL)
+    assert len(names) == 2 and all(len(os.fsencode(n)) <= 246 for n in names)
+    assert names[1] == os.fsdecode(b"00002-caf\xe9.txt.jsonl")
+    for name, path in zip(names, (long, latin)):
+        data = (tmp_path / "out" / name).read_bytes()
+        data.decode("utf-8")  # valid UTF-8 ...
+        got = [json.loads(line) for line in data.splitlines()]  # ... and valid JSON
+        assert [r["file"].encode("utf-8", "surrogateescape") for r in got] == [bytes(path)] * len(got)
+        for g, w in zip(got, batch_records(tiny_checkpoint, path)):
+            assert_same_record(g, w)
+
+
+def test_choices_as_in_fill_batch(cluster, tiny_checkpoint, tmp_path):
+    source = write(tmp_path / "in.txt", "".join(f"the {w} [MASK] sat on it\n" for w in ("cat", "dog", "bird")).encode())
+    choices = ("--choice", "mat", "--choice", "dog", "--choice", "hat")
+    proc = subprocess.run(perceiver("ray-fill", str(source), "-o", str(tmp_path / "out"), "--address", cluster,
+                                    "-m", str(tiny_checkpoint), "--batch-size", BATCH, *choices),
+                          capture_output=True, env=process_env(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    outputs = read_output(tmp_path / "out")
+    check_against_batch(tiny_checkpoint, outputs, [(str(source), source)], *choices)
+    assert {r["spans"][0]["fill"].strip() for r in outputs["00001-in.txt.jsonl"]} <= {"mat", "dog", "hat"}
+
+
+# -- --resume: runs stopped at several points ------------------------------------------------------
+
+
+def stop_when(args: list[str], tmp_path: Path, ready, sig: int) -> tuple[int, str]:
+    """Run `ray-fill ARGS`, send it `sig` once `ready()` holds; its exit status and stderr."""
+    proc = subprocess.Popen(perceiver("ray-fill", *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=process_env(tmp_path), preexec_fn=ctrl_c_reaches_it)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.002)
+        assert proc.poll() is None, "the run ended before the point to stop it"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err.decode()
+
+
+def lines_in(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_resume_after_ctrl_c_and_kills_equals_an_uninterrupted_run(cluster, tiny_checkpoint, tmp_path):
+    for name, n in (("a", 70), ("b", 70), ("c", 30)):
+        write(tmp_path / "in" / f"{name}.txt",
+              "".join(f"{name} {i}: the [MASK:{1 + i % 3}] went {'far ' * (i % 4)}away\n" for i in range(n)).encode())
+    common = ["-m", str(tiny_checkpoint), "--address", cluster, "--batch-size", "1", "-k", "2", "in"]
+    whole = subprocess.run(perceiver("ray-fill", *common, "-o", "whole"), cwd=tmp_path, capture_output=True,
+                           env=process_env(tmp_path), timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "out"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        # Ctrl-C in a.txt: exit 130, what is done kept, one line on how to go on
+        code, err = stop_when([*common, "-o", "out"], tmp_path, lambda: lines_in(out / ".00001-a.txt.jsonl.partial") >= 9,
+                              signal.SIGINT)
+        assert code == 130 and err == ("interrupted: 0 of 3 files complete in out; run again with --resume to go on\n")
+        assert lines_in(out / ".00001-a.txt.jsonl.partial") >= 9
+        # killed (the driver lost: no cleanup at all) once a.txt is complete, then in the middle of b.txt
+        code, _ = stop_when([*common, "-o", "out", "--resume"], tmp_path, lambda: (out / "00001-a.txt.jsonl").exists(),
+                            signal.SIGKILL)
+        assert code == -signal.SIGKILL
+        code, _ = stop_when([*common, "-o", "out", "--resume"], tmp_path,
+                            lambda: lines_in(out / ".00002-b.txt.jsonl.partial") >= 30, signal.SIGKILL)
+        assert code == -signal.SIGKILL and not (out / "00003-c.txt.jsonl").exists()
+    finally:
+        os.chdir(cwd)
+    done = subprocess.run(perceiver("ray-fill", *common, "-o", "out", "--resume"), cwd=tmp_path, capture_output=True,
+                          env=process_env(tmp_path), timeout=300)
+    assert done.returncode == 0 and done.stderr == b"", done.stderr
+    names = sorted(os.listdir(tmp_path / "whole"))
+    assert names == sorted(os.listdir(out)) and len(names) == 4  # three files and the journal
+    for name in names[1:] if names[0] == JOURNAL else names:
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert sum(lines_in(out / n) for n in names if n != JOURNAL) == 170
+
+
 # -- fault tolerance: an actor that dies ----------------------------------------------------------
 
 
@@ -297,7 +416,7 @@ def crash_once_class(flag: Path):
 
     class CrashOnce(rf.RecordFill):
         def __call__(self, batch):
-            if any(d is not None and b"CRASH-ONCE" in d for d in batch.column("data").to_pylist()):
+            if any(d is not None and b"CRASH-ONCE" in d for lines in batch.column("lines").to_pylist() for d in lines):
                 try:
                     os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                 except FileExistsError:
@@ -315,13 +434,13 @@ def test_an_actor_that_dies_is_restarted_and_its_batch_redone(cluster, tiny_chec
     a = write(tmp_path / "a.txt", ("\n".join(lines) + "\n").encode())
     b = write(tmp_path / "b.txt", "".join(f"second file {i} [MASK:2]\n" for i in range(13)).encode())
     flag = tmp_path / "crashed"
-    inputs = rf.expand_inputs([str(a), str(b)])
+    inputs = expand_inputs([str(a), str(b)])
     out = tmp_path / "out"
-    out.mkdir()
-    counts = rf.run(inputs, out, LoadOptions(model=str(tiny_checkpoint), batch_size=int(BATCH)), FillOptions(),
-                    RayOptions(actors=2), worker=crash_once_class(flag))
+    with OutputFolder(out) as folder:
+        tally = rf.run(inputs, folder, LoadOptions(model=str(tiny_checkpoint), batch_size=int(BATCH)), FillOptions(),
+                       RayOptions(actors=2), worker=crash_once_class(flag))
     assert flag.exists()  # the actor did die, in the middle of the run
-    assert (counts.filled, counts.failed, counts.blank, counts.files) == (53, 0, 0, 2)
+    assert (tally.filled, tally.failed, tally.blank, len(os.listdir(out)) - 1) == (53, 0, 0, 2)  # and the journal
     check_against_batch(tiny_checkpoint, read_output(out), [(str(a), a), (str(b), b)])
 
 
@@ -351,9 +470,11 @@ def test_fill_dataset_and_the_callable_class(cluster, tiny_checkpoint):
         assert [s["fill"] for s in spans] == [s.fill for s in want.spans]
         assert all(abs(s["logprob"] - w.logprob) <= LOGPROB_TOLERANCE for s, w in zip(spans, want.spans))
 
-    # the class alone, outside Ray, on a numpy batch
-    import numpy as np
+    # the class alone, outside Ray, on a pyarrow batch (the one format it takes)
+    import pyarrow as pa
 
-    batch = rf.MaskFill(load, {"strategy": "oneshot"})({"text": np.array(texts[:5], dtype=object)})
-    assert list(batch["filled"][:2]) == [rows[0]["filled"], ""]
-    assert batch["error"][2].startswith("no [MASK] marker")
+    batch = rf.MaskFill(load, {"strategy": "oneshot"})(pa.table({"text": texts[:5]}))
+    assert batch.column("filled").to_pylist()[:2] == [rows[0]["filled"], ""]
+    assert batch.column("error")[2].as_py().startswith("no [MASK] marker")
+    with pytest.raises(TypeError, match="batch_format=\"pyarrow\""):
+        rf.MaskFill(load)({"text": texts[:1]})
