@@ -269,6 +269,8 @@ def run(inputs: list[Input], folder: OutputFolder, load: LoadOptions, fill: Fill
     (for --resume) and says so on `stderr`; any other failure removes it."""
     ray = require_ray()
     writer = Writer(folder, inputs)
+    if all(item.done for item in inputs):  # --resume: nothing left to fill, no Ray to start
+        return writer.tally
     with RaySession(ray, settings) as session:
         try:
             refs = [ray.put(_chunk_table(inputs, *c)) for c in read_chunks(inputs, load.batch_size * CHUNK_BATCHES)]

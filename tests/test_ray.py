@@ -28,7 +28,11 @@ from perceiver_cli.options import FillOptions, LoadOptions, RayOptions  # noqa: 
 
 from .conftest import ctrl_c_reaches_it, perceiver, process_env, read_pty  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # Ray Data's own: its DataContext.copy() deep-copies every field, the deprecated ones too, and each warns
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+]
 
 BATCH = "3"  # texts per pass: chunks of 12 lines, so the longer files span several blocks
 LOGPROB_TOLERANCE = 1e-4
@@ -391,6 +395,7 @@ def test_resume_after_ctrl_c_and_kills_equals_an_uninterrupted_run(cluster, tiny
         code, _ = stop_when([*common, "-o", "out", "--resume"], tmp_path, lambda: (out / "00001-a.txt.jsonl").exists(),
                             signal.SIGKILL)
         assert code == -signal.SIGKILL
+        first = os.stat(out / "00001-a.txt.jsonl")
         code, _ = stop_when([*common, "-o", "out", "--resume"], tmp_path,
                             lambda: lines_in(out / ".00002-b.txt.jsonl.partial") >= 30, signal.SIGKILL)
         assert code == -signal.SIGKILL and not (out / "00003-c.txt.jsonl").exists()
@@ -404,6 +409,13 @@ def test_resume_after_ctrl_c_and_kills_equals_an_uninterrupted_run(cluster, tiny
     for name in names[1:] if names[0] == JOURNAL else names:
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert sum(lines_in(out / n) for n in names if n != JOURNAL) == 170
+    again = os.stat(out / "00001-a.txt.jsonl")  # skipped by both resumed runs, not written again
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    # all done: a --resume has nothing to fill and starts no Ray (the closed --address would be exit 1)
+    common[common.index("--address") + 1] = "127.0.0.1:9"
+    idle = subprocess.run(perceiver("ray-fill", *common, "-o", "out", "--resume"), cwd=tmp_path, capture_output=True,
+                          env=process_env(tmp_path), timeout=60)
+    assert (idle.returncode, idle.stderr) == (0, b"")
 
 
 # -- fault tolerance: an actor that dies ----------------------------------------------------------
