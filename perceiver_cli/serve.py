@@ -10,11 +10,13 @@
                     "options" (FillOptions fields) -> the objects of `perceiver fill --json`
 
 This module maps HTTP to the library and nothing else: the options and their rules are
-`options.py`'s, the fill-mask task is `fillmask.py`'s, the answers' format `results.py`'s,
-batching across requests `batcher.py`'s (handed a compute function over the filler and a
-batching key: fill-mask requests together, /v1/fill requests with equal options
-together), fills `MaskFiller.fill_many`'s. What it adds: reading bodies within
-`--max-body-mb` and `--body-timeout-s`, the API key, errors and signals.
+`options.py`'s, the fill-mask task is `fillmask.py`'s, /v1/fill's bodies and the bound on
+its answers `fillrequest.py`'s, the answers' format `results.py`'s, batching across
+requests `batcher.py`'s (handed a compute function over the filler and a batching key:
+fill-mask requests together, /v1/fill requests with equal options together), fills
+`MaskFiller.fill_many`'s. What it adds: reading bodies within `--max-body-mb` and
+`--body-timeout-s`, the API key, errors and signals. Answers are built and encoded in a
+worker thread, a piece at a time (`encode`), so a large one never stalls the event loop.
 
 Errors travel as exceptions to Starlette's exception handlers (`build_app`): every bad
 request is a 4xx with a one-line JSON body {"error": "..."} (an option error also names its
@@ -32,10 +34,10 @@ import json
 import signal
 import socket
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -45,57 +47,16 @@ from starlette.routing import Route
 
 from . import __version__, page
 from .batcher import Batcher, Cancelled, QueueFull, TooMuchWork
+from .budget import OverBudget
 from .errors import InputError, PerceiverError
-from .fillmask import HFJob, hf_answer, hf_job, json_type
+from .fillmask import HFJob, hf_answer, hf_job
+from .fillrequest import check_answer_size, fill_job, result_json
 from .observe import TIMING_HEADERS, Metrics, Observer, current
-from .options import FillOptions, OptionError, ServeOptions
-from .results import dumps, result_to_wire
+from .options import Budget, OptionError, ServeOptions
+from .results import dumps
 
 RETRY_AFTER_S = 1
 DRAIN_LIMIT = 64 << 20  # bytes of an oversized body read (and dropped) so the 413 reaches the client
-
-
-# -- /v1/fill ---------------------------------------------------------------------------
-
-
-@dataclass
-class FillJob:
-    texts: list[str]
-    options: FillOptions
-    single: bool  # "text" (one object) rather than "texts" (a list)
-    detail: bool  # the exact results (results.result_to_wire) instead of the JSON objects
-
-
-def fill_job(body: Any) -> FillJob:
-    """Check a /v1/fill request body (`InputError`/`OptionError` for a bad one)."""
-    if not isinstance(body, dict):
-        raise InputError('the request must be a JSON object: {"text": "...", "options": {...}}')
-    unknown = sorted(set(body) - {"text", "texts", "options", "detail"})
-    if unknown:
-        raise InputError(f"unknown field {unknown[0]!r}: the fields are text or texts, options, detail")
-    if ("text" in body) == ("texts" in body):
-        raise InputError('give either "text" (a string) or "texts" (a list of strings)')
-    if "text" in body:
-        texts, single = [body["text"]], True
-        if not isinstance(texts[0], str):
-            raise InputError(f'"text" must be a string (got {json_type(texts[0])})')
-    else:
-        texts, single = body["texts"], False
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise InputError('"texts" must be a list of strings')
-    options = FillOptions.from_dict({} if body.get("options") is None else body["options"])
-    detail = body.get("detail", False)
-    if not isinstance(detail, bool):
-        raise InputError(f'"detail" must be true or false (got {json_type(detail)})')
-    return FillJob(texts, options, single, detail)
-
-
-def _result_json(result, job: FillJob) -> dict:
-    if isinstance(result, Exception):
-        return {"error": str(result)}
-    if job.detail:
-        return result_to_wire(result)
-    return result.to_dict(job.options.top_k, job.options.explain)
 
 
 # -- HTTP -------------------------------------------------------------------------------
@@ -103,6 +64,22 @@ def _result_json(result, job: FillJob) -> dict:
 
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(dumps(obj), status_code=status, headers=headers, media_type="application/json")
+
+
+async def answer_response(build: Callable[[], Any]) -> Response:
+    """The JSON answer that `build()` returns, built and encoded off the event loop."""
+    return Response(await run_in_threadpool(lambda: encode(build())), media_type="application/json")
+
+
+def encode(obj: Any, depth: int = 4) -> bytes:
+    """`dumps(obj)`, byte for byte, built a piece at a time down to `depth` levels of lists
+    and objects: the encoder holds the GIL through each call, so short calls let the event
+    loop answer other requests (GET /health) while a large answer is encoded."""
+    if depth and isinstance(obj, list) and obj:
+        return b"[" + b", ".join(encode(x, depth - 1) for x in obj) + b"]"
+    if depth and isinstance(obj, dict) and obj:
+        return b"{" + b", ".join(dumps(k) + b": " + encode(v, depth - 1) for k, v in obj.items()) + b"}"
+    return dumps(obj)
 
 
 def error_response(status: int, message: str, headers: dict | None = None, **extra) -> Response:
@@ -152,25 +129,10 @@ async def read_json(request: Request, limit: int, timeout: float | None = None) 
 def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None = None) -> Starlette:
     """The ASGI app serving `filler` (a loaded MaskFiller); `app.state.batcher` its batcher.
     `log(line)` takes the access log's lines (with `options.access_log`)."""
-
-    def compute(jobs: list, before_pass: Callable[[int], None]) -> list:
-        """The answers of jobs of one kind: all fill-mask, or all /v1/fill with equal options."""
-        filler.runner.before_pass = before_pass  # the batcher's worker alone uses the filler
-        try:
-            if isinstance(jobs[0], HFJob):
-                logps = filler.logprobs([(job.ids, job.positions) for job in jobs])
-                return [hf_answer(job, logp) for job, logp in zip(jobs, logps)]
-            results = filler.fill_many([t for job in jobs for t in job.texts], jobs[0].options, return_errors=True)
-            starts = [0]
-            for job in jobs:
-                starts.append(starts[-1] + len(job.texts))
-            return [results[a:b] for a, b in zip(starts, starts[1:])]
-        finally:
-            filler.runner.before_pass = None
-
     static_info = describe(filler, options)
     metrics = Metrics(static_info, lambda: batcher.waiting)
-    batcher = Batcher(compute, key=lambda job: job.options if isinstance(job, FillJob) else "fill-mask",
+    budget = Budget(max_inputs=options.max_inputs)  # what one text may take, estimated before any work
+    batcher = Batcher(_compute(filler, budget), key=lambda job: "fill-mask" if isinstance(job, HFJob) else job.options,
                       max_batch=options.max_batch, batch_wait=options.batch_wait_ms / 1000,
                       queue_size=options.queue_size, max_inputs=options.max_inputs, observe=_observer(metrics))
     window = filler.model.cfg.max_position_embeddings
@@ -184,16 +146,18 @@ def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None =
 
     async def fill_mask(request: Request) -> Response:
         job = hf_job(await read_json(request, options.max_body, options.body_timeout_s), window)
-        return json_response(await batcher.submit(job, 1, lambda: _disconnected(request), tag=current()))
+        answer = await batcher.submit(job, 1, lambda: _disconnected(request), tag=current())
+        return await answer_response(lambda: answer)
 
     async def fill(request: Request) -> Response:
         job = fill_job(await read_json(request, options.max_body, options.body_timeout_s))
+        await run_in_threadpool(check_answer_size, job)  # before any work (a large body takes a while)
         results = await batcher.submit(job, len(job.texts), lambda: _disconnected(request), tag=current())
         if job.single:
             if isinstance(results[0], Exception):
                 raise results[0]
-            return json_response(_result_json(results[0], job))
-        return json_response([_result_json(r, job) for r in results])
+            return await answer_response(lambda: result_json(results[0], job))
+        return await answer_response(lambda: [result_json(r, job) for r in results])
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=metrics.content_type)
@@ -220,7 +184,40 @@ def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None =
             while not batcher.finished:
                 await asyncio.sleep(0.05)
 
-    # -- errors: each a one-line JSON answer -------------------------------------------------
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=_error_handlers(options),
+                    middleware=[Middleware(Observer, metrics=metrics, log=log if options.access_log else None,
+                                           log_format=options.log_format),
+                                *_cors(options.cors_origins), Middleware(_Guard, api_key=options.api_key)])
+    app.router.redirect_slashes = False  # /info/ is a 404 like any unknown path, not a redirect
+    app.state.batcher = batcher
+    return app
+
+
+def _compute(filler, budget: Budget) -> Callable[[list, Callable[[int], None]], list]:
+    """The batcher's compute function over `filler`: the answers of jobs of one kind (all
+    fill-mask, or all /v1/fill with equal options), `before_pass` on the filler's runner.
+    Each text is held to `budget` (its `max_inputs` the server's), estimated before any work."""
+
+    def compute(jobs: list, before_pass: Callable[[int], None]) -> list:
+        filler.runner.before_pass = before_pass  # the batcher's worker alone uses the filler
+        try:
+            if isinstance(jobs[0], HFJob):
+                logps = filler.logprobs([(job.ids, job.positions) for job in jobs])
+                return [hf_answer(job, logp) for job, logp in zip(jobs, logps)]
+            results = filler.fill_many([t for job in jobs for t in job.texts], jobs[0].options, return_errors=True,
+                                       budget=budget)
+            starts = [0]
+            for job in jobs:
+                starts.append(starts[-1] + len(job.texts))
+            return [results[a:b] for a, b in zip(starts, starts[1:])]
+        finally:
+            filler.runner.before_pass = None
+
+    return compute
+
+
+def _error_handlers(options: ServeOptions) -> dict:
+    """Starlette's exception handlers: every error a one-line JSON answer with its status."""
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = {404: f"no such endpoint: {request.url.path} (the endpoints are GET /health, GET /info, "
@@ -232,9 +229,13 @@ def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None =
         return error_response(503, f"the server is busy: {options.queue_size} requests are waiting; retry later",
                               {"Retry-After": str(RETRY_AFTER_S)})
 
-    async def too_much_work(request: Request, exc: TooMuchWork) -> Response:
-        return error_response(400, f"{exc}, the server's limit (perceiver serve --max-inputs): send fewer texts, "
-                              "or ask for less search (a smaller top_k or beam_width, fewer iterative_passes)")
+    async def too_much_work(request: Request, exc: TooMuchWork | OverBudget) -> Response:
+        if isinstance(exc, OverBudget) and exc.limit != "max_inputs":
+            return error_response(400, str(exc))  # a limit of the core's own budget: its message names it
+        limit = exc.limit if isinstance(exc, TooMuchWork) else exc.allowed  # counted, or estimated before any work
+        return error_response(400, f"the request needs more than {limit} model inputs, the server's limit "
+                              "(perceiver serve --max-inputs): send fewer texts, or ask for less search "
+                              "(a smaller top_k or beam_width, fewer iterative_passes)")
 
     async def option_error(request: Request, exc: OptionError) -> Response:
         return error_response(400, str(exc), option=exc.name, rule=exc.rule)
@@ -247,23 +248,17 @@ def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None =
     async def internal_error(request: Request, exc: Exception) -> Response:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    handlers = {
+    return {
         HTTPException: http_error,
         QueueFull: queue_full,
         Cancelled: answer(503),
         TooMuchWork: too_much_work,
+        OverBudget: too_much_work,
         OptionError: option_error,
         InputError: answer(400),
         PerceiverError: answer(500),
         Exception: internal_error,  # a bug: answered, then re-raised by Starlette for uvicorn to log
     }
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,
-                    middleware=[Middleware(Observer, metrics=metrics, log=log if options.access_log else None,
-                                           log_format=options.log_format),
-                                *_cors(options.cors_origins), Middleware(_Guard, api_key=options.api_key)])
-    app.router.redirect_slashes = False  # /info/ is a 404 like any unknown path, not a redirect
-    app.state.batcher = batcher
-    return app
 
 
 def _observer(metrics: Metrics):
@@ -301,13 +296,14 @@ async def _disconnected(request: Request) -> None:
 
 class _Guard:
     """ASGI middleware: with an API key, every request needs `Authorization: Bearer <key>`
-    (compared in constant time), else 401; but GET /health and /metrics (what a supervisor
-    and a Prometheus scraper ask, without a key of their own; neither holds a request's
-    text), the page a browser loads, its assets and the API document (`page.is_open`)."""
+    (the key's UTF-8 bytes against the header's, in constant time), else 401; but GET
+    /health and /metrics (what a supervisor and a Prometheus scraper ask, without a key of
+    their own; neither holds a request's text), the page a browser loads, its assets and the
+    API document (`page.is_open`)."""
 
     def __init__(self, app, api_key: str | None):
         self.app = app
-        self.digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
+        self.digest = hashlib.sha256(api_key.encode("utf-8")).digest() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if self.digest is not None and scope["type"] == "http" and not _open(scope):

@@ -81,7 +81,8 @@ def test_answers_equal_the_pipeline(filler, pipeline, text, params):
     assert_same(ours, theirs)
     masks = text.count("[MASK]")
     targets = params.get("targets")
-    per_mask = min(params.get("top_k", HF_TOP_K), 262 if targets is None else len(hf_target_ids([targets] if isinstance(targets, str) else targets)))
+    targets = [targets] if isinstance(targets, str) else targets
+    per_mask = min(params.get("top_k", HF_TOP_K), 262 if targets is None else len(hf_target_ids(targets)))
     rows = ours if masks > 1 else [ours]
     assert len(rows) == masks and all(len(row) == per_mask for row in rows)
 

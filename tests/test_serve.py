@@ -178,6 +178,56 @@ def test_a_text_that_cannot_be_read_fails_in_its_place(tiny_server):
     assert status == 200 and "text" in answer[0] and "lone surrogate" in answer[1]["error"]
 
 
+def test_a_fill_answer_too_large_is_refused_before_any_work(tiny_server):
+    before = tiny_server.request("GET", "/info")[3]["queue"]["batches"]
+    body = {"texts": ["[MASK:60]"] * 20_000, "options": {"explain": True, "top_k": 8}}  # 260 KB: ~370 MB of answer
+    start = time.monotonic()
+    status, _, payload, answer = tiny_server.request("POST", "/v1/fill", body)
+    assert status == 400 and "over the 64 MiB a /v1/fill answer may take" in answer["error"], payload[:300]
+    assert time.monotonic() - start < 30  # no fill ran
+    assert tiny_server.request("GET", "/info")[3]["queue"]["batches"] == before
+
+
+def test_answers_are_encoded_as_the_one_encoder_encodes_them():
+    from perceiver_cli.results import dumps
+    from perceiver_cli.serve import encode
+
+    nested = {"a": [1, 2.5, -0.0, 1e-7, None, True], "b\udcff": {"c": [[], {}, [[{"x": "\ud800 \x01 é"}]]]}}
+    for obj in (nested, [nested, nested, []], [], {}, "text", [[{"score": 0.1, "sequence": "[CLS] a"}] * 3] * 2):
+        for depth in (0, 1, 4, 9):
+            assert encode(obj, depth) == dumps(obj)
+
+
+def test_health_answers_at_once_while_a_large_answer_is_built_and_encoded(tiny_checkpoint, tmp_path):
+    server = Server(tiny_checkpoint, tmp_path)
+    try:
+        body = json.dumps({"texts": ["a [MASK:60]"] * 1500, "options": {"strategy": "oneshot", "explain": True}})
+
+        def big_fill() -> tuple[int, bytes]:  # bytes only: decoding 17 MB here would hold this process's GIL
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+            conn.request("POST", "/v1/fill", body=body)
+            response = conn.getresponse()
+            return response.status, response.read()
+
+        with ThreadPoolExecutor(1) as pool:
+            start = time.monotonic()
+            big = pool.submit(big_fill)
+            waits = []
+            while not big.done():
+                asked = time.monotonic()
+                assert server.request("GET", "/health")[0] == 200
+                waits.append(time.monotonic() - asked)
+            took = time.monotonic() - start
+            status, payload = big.result()
+        assert status == 200 and len(payload) > 10_000_000 and len(json.loads(payload)) == 1500
+        assert took > 2 and len(waits) > 10, (took, len(waits))  # there was time to stall
+        # Built and encoded on the event loop, this answer stalled /health 2.7 s; off it, the slowest
+        # /health took 0.2-0.35 s on a 2-core machine under a load of 12 (the bound leaves room for more).
+        assert max(waits) < 1.0, sorted(waits)[-5:]
+    finally:
+        assert server.stop() == 0
+
+
 def test_body_over_the_limit_is_413(tiny_server):
     body = json.dumps({"text": "x [MASK] " + "y" * (1 << 20)}).encode()  # the server's limit: 1 MB
     status, _, _, answer = tiny_server.request("POST", "/v1/fill", raw=body)
@@ -347,6 +397,11 @@ def test_a_request_over_the_model_input_limit_is_refused_and_others_go_on(tiny_c
                      for i in range(6)]
             assert costly.result()[0] == 400 and [c.result()[0] for c in cheap] == [200] * 6
         assert server.request("GET", "/info")[3]["max_inputs"] == 50
+        # each text is held to the limit by the core's budget, estimated before any work: alone, in its place
+        status, _, _, answer = server.request("POST", "/v1/fill", {"texts": [wide["text"], "c [MASK:2] d"],
+                                                                "options": wide["options"]})
+        assert status == 200 and "text" in answer[1]
+        assert "model inputs, over the budget's 50 (max_inputs)" in answer[0]["error"]
     finally:
         assert server.stop() == 0
 
@@ -410,6 +465,41 @@ def test_api_key(tiny_checkpoint, tmp_path):
         assert server.request("GET", "/info", headers={"Authorization": "Bearer from-a-file"})[0] == 200
     finally:
         assert server.stop() == 0
+
+
+def test_a_key_outside_ascii_is_compared_as_utf8_for_curl_and_for_our_client(tiny_checkpoint, tmp_path):
+    key = "cl\u00e9-\u043a\u043b\u044e\u0447-\U0001f511"
+    server = Server(tiny_checkpoint, tmp_path, env={"PERCEIVER_API_KEY": key})
+    try:
+        as_curl = {"Authorization": b"Bearer " + key.encode("utf-8")}  # curl -H sends the bytes it is given
+        assert server.request("GET", "/info", headers=as_curl)[0] == 200
+        assert server.request("POST", "/", {"inputs": "a [MASK]"}, headers=as_curl)[0] == 200
+        latin1 = {"Authorization": b"Bearer " + key[:3].encode("latin-1")}
+        assert server.request("GET", "/info", headers=latin1)[0] == 401
+        env = server_env(tmp_path, PERCEIVER_SERVER=server.url, PERCEIVER_API_KEY=key)
+        ours = perceiver(["fill", "Hello [MASK:3] world"], env)
+        assert ours.returncode == 0 and ours.stdout.startswith(b"Hello"), ours.stderr
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("source,line", [
+    ("env", "error: PERCEIVER_API_KEY is blank: an API key must hold printable characters"),
+    ("env empty", "error: PERCEIVER_API_KEY is blank: an API key must hold printable characters"),
+    ("file with a BOM", "error: the first line of --api-key-file {file} starts with a byte order mark (BOM): "
+                        "save the key without one"),
+    ("blank file", "error: --api-key-file {file} is empty: its first line must be the key"),
+])
+def test_a_blank_key_or_a_bom_never_starts_a_server(tiny_checkpoint, tmp_path, source, line):
+    key_file = tmp_path / "key.txt"
+    key_file.write_bytes({"file with a BOM": b"\xef\xbb\xbfs3cret\n", "blank file": b" \t \n"}.get(source, b""))
+    args, env = ["--api-key-file", str(key_file)], {}
+    if source.startswith("env"):
+        args, env = [], {"PERCEIVER_API_KEY": "   " if source == "env" else ""}
+    cmd = ["serve", "-m", str(tiny_checkpoint), "--port", "0", "--device", "cpu", *args]
+    result = perceiver(cmd, server_env(tmp_path, **env))
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert result.stderr.decode().splitlines() == [line.format(file=key_file)]
 
 
 # -- the CLI as a client --------------------------------------------------------------------
