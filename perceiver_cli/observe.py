@@ -94,6 +94,8 @@ def request_id(given: bytes | None) -> str:
 def escape(text: str) -> str:
     """`text` with every unprintable character (controls, line breaks, bidirectional
     controls) as a \\xNN, \\uNNNN or \\UNNNNNNNN escape, and backslashes doubled."""
+    if text.isprintable() and "\\" not in text and "\x7f" not in text:
+        return text  # the common case, at once
     out = []
     for ch in text:
         if ch == "\\":
