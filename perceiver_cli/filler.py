@@ -38,7 +38,7 @@ from . import choices, masks, strategies, tokenizer
 from .errors import InputError, PerceiverError
 from .lengths import LengthRequest, choose_lengths
 from .model import PerceiverMaskedLM
-from .options import Budget, FillOptions, LoadOptions, OptionError
+from .options import Budget, FillOptions, LoadOptions, OptionError, model_window
 from .results import Candidate, FillResult, SpanResult
 from .windows import Layout
 
@@ -140,7 +140,7 @@ class MaskFiller:
 
     def __init__(self, model: PerceiverMaskedLM, batch_size: int = LoadOptions.batch_size):
         self.model = model
-        self.window = model.cfg.max_position_embeddings - 2  # bytes; [CLS] and [SEP] take two positions
+        self.window = model_window(model.cfg.max_position_embeddings)  # bytes of document per input
         self.runner = _Runner(model, batch_size)
         self.load_options: LoadOptions | None = None  # set by from_pretrained
         self.resolved = None  # hub.ResolvedModel, set by from_pretrained
@@ -277,13 +277,7 @@ class MaskFiller:
 
     def check(self, options: FillOptions) -> FillOptions:
         """`options`, checked against this model (what FillOptions cannot know alone)."""
-        if options.max_span > self.window:
-            raise OptionError("max_span", f"must be between 1 and {self.window} bytes, this model's window (got {options.max_span})")
-        for word in options.choices:
-            n = len(masks.to_bytes(word))
-            if n > self.window:
-                raise OptionError("choices", f"{word[:20]!r}... is {n} bytes, longer than this model's {self.window}-byte window")
-        return options
+        return options.check_window(self.window)
 
     def logprobs(self, jobs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
         """Batched forward passes. Each job is (token ids with [CLS] ... [SEP], positions to

@@ -18,6 +18,7 @@ Text is handled as bytes: a text that is not valid UTF-8 is read with
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -104,9 +105,24 @@ def parse(text: str, mask_token: str = DEFAULT_MASK_TOKEN) -> Template:
         literal_start = end
         i = text.find(head, end)
     if not spans:
-        raise InputError(f"no {mask_token} marker in the text: put {mask_token} or {head}:N{close} where bytes are missing")
+        raise InputError(f"no {mask_token} marker in the text: put {mask_token} or {head}:N{close} where bytes are "
+                         f"missing{_near_miss(text, head, close)}")
     pieces.append(to_bytes(text[literal_start:], literal_start))
     return Template(tuple(pieces), tuple(spans))
+
+
+def _near_miss(text: str, head: str, close: str) -> str:
+    """What the text probably meant, when it holds no marker: the marker's word in other
+    brackets, case or spacing (`<mask>`, `[mask]`, `[MASK ]`, `[ MASK:3]`), as a hint."""
+    word = head.lstrip("[<{(")
+    if not any(c.isalpha() for c in word):
+        return ""
+    pattern = r"[\[<{(]\s*" + re.escape(word) + r"\s*(?::\s*(\d{1,%d})\s*)?[\]>})]" % MAX_DIGITS
+    found = re.search(pattern, text, re.IGNORECASE)
+    if found is None:
+        return ""
+    meant = f"{head}:{int(found.group(1))}{close}" if found.group(1) else head + close
+    return f" (found {found.group(0)!r} at character {found.start()}: did you mean {meant}?)"
 
 
 def _digits_end(text: str, j: int) -> int:

@@ -27,6 +27,7 @@ from .errors import InputError
 from .runtime import available_cpus
 
 DEFAULT_MODEL = "deepmind/language-perceiver"
+MODEL_ENV = "PERCEIVER_MODEL"  # the model of every command that loads one, when --model is not given
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -57,7 +58,10 @@ class OptionError(InputError):
         super().__init__(f"{name} {rule}")
 
     def flag(self) -> str:
-        """The message with the command-line flag in place of the field name."""
+        """The message with the command-line flag in place of the field name (a name that is
+        no field, like an environment variable's, as it is)."""
+        if not (self.name.isidentifier() and self.name.islower()):
+            return str(self)
         name = {"choices": "choice"}.get(self.name, self.name)  # `choices` is given as --choice WORD ...
         return f"--{name.replace('_', '-')} {self.rule}"
 
@@ -252,6 +256,23 @@ class FillOptions(_Options):
             raise ChoicesConflict([(name, value) for name, value in changed if name in NOT_WITH_CHOICES])
         if not self.choices and any(name == "choice_score" for name, _ in changed):
             raise OptionError("choice_score", f"{self.choice_score!r} applies with choices only (no choices given)")
+
+    def check_window(self, window: int) -> "FillOptions":
+        """These options against a model whose inputs hold `window` document bytes (what they
+        cannot know alone; `MaskFiller.check` and the server's client both ask this):
+        `OptionError` for a `max_span`, or a choice, longer than that."""
+        if self.max_span > window:
+            raise OptionError("max_span", f"must be between 1 and {window} bytes, this model's window (got {self.max_span})")
+        for word in self.choices:
+            n = len(word.encode("utf-8", "surrogateescape"))
+            if n > window:
+                raise OptionError("choices", f"{word[:20]!r}... is {n} bytes, longer than this model's {window}-byte window")
+        return self
+
+
+def model_window(max_position_embeddings: int) -> int:
+    """Document bytes one model input holds: `[CLS]` and `[SEP]` take two of its positions."""
+    return max_position_embeddings - 2
 
 
 @dataclass(frozen=True)

@@ -678,3 +678,135 @@ def test_download_of_a_local_directory_checks_it_as_info_does(tiny_checkpoint, t
     assert_one_error_line(result, "cannot read weights file")
     whole = CliRunner().invoke(app, ["download", "-m", str(tiny_checkpoint)], prog_name="perceiver")
     assert whole.exit_code == 0 and "(local directory)" in whole.stdout
+
+
+# -- help, options and what a newcomer meets ----------------------------------------------------
+
+
+def help_entries(command: str) -> dict[str, str]:
+    """`perceiver COMMAND --help`'s options: {flag: its help, on one line}."""
+    result = CliRunner().invoke(app, [command, "--help"], prog_name="perceiver", terminal_width=300,
+                                max_content_width=300)  # one line each
+    assert result.exit_code == 0, result.stderr
+    entries: dict[str, str] = {}
+    for line in result.stdout.split("Options:", 1)[1].splitlines():
+        found = re.match(r"\s+(?:-\w, )?(--[\w-]+)(?: \S+)?\s{2,}(.*)", line)
+        if found:
+            entries[found.group(1)] = found.group(2)
+        elif line.strip() and entries:
+            entries[list(entries)[-1]] += " " + line.strip()
+    return entries
+
+
+def test_help_shows_the_defaults_of_the_options_dataclasses():
+    from dataclasses import fields
+
+    from perceiver_cli.options import FillOptions, RayOptions, ServeOptions
+
+    commands = {"fill": (LoadOptions, FillOptions), "ray-fill": (LoadOptions, FillOptions, RayOptions),
+                "serve": (LoadOptions, ServeOptions), "info": (LoadOptions,), "download": (LoadOptions,)}
+    shown = 0
+    for command, classes in commands.items():
+        entries = help_entries(command)
+        assert all(entry.count("default:") <= 1 for entry in entries.values()), entries  # none typed by hand
+        for cls in classes:
+            for f in fields(cls):
+                flag = "--" + f.name.replace("_", "-")
+                if flag in entries and f.default not in (None, False):
+                    assert f"default: {f.default}]" in entries[flag], (command, flag, entries[flag])
+                    shown += 1
+    assert shown >= 30
+
+
+def test_fill_and_ray_fill_share_one_declaration_of_the_fill_and_load_options():
+    fill, ray = help_entries("fill"), help_entries("ray-fill")
+    shared = ["--strategy", "--top-k", "--max-span", "--mask-token", "--explain", "--choice", "--choice-score",
+              "--batch-size", "--model", "--revision", "--device", "--dtype", "--quantize", "--offline"]
+    assert [fill[flag] for flag in shared] == [ray[flag] for flag in shared]
+    serve = help_entries("serve")
+    assert [serve[flag] for flag in shared[7:]] == [fill[flag] for flag in shared[7:]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--choice", ""], "--choice must not hold an empty word"),
+    (["--choice", "a", "--choice", "a"], "--choice holds 'a' twice"),
+    (["--choice", "a", "--choice-score", "max"], "--choice-score must be one of chain, chain-mean, pll"),
+])
+def test_ray_fill_takes_choices_validated_as_fill_does(tiny_checkpoint, tmp_path, args, message):
+    source = tmp_path / "in.txt"
+    source.write_text("a [MASK] b\n")
+    filled = invoke(tiny_checkpoint, *args, "a [MASK] b")
+    ray = CliRunner().invoke(app, ["ray-fill", str(source), "-o", str(tmp_path / "out"), *args], prog_name="perceiver")
+    assert filled.exit_code == ray.exit_code == 2
+    assert_one_error_line(filled, message)
+    assert ray.stderr == filled.stderr and not (tmp_path / "out").exists()  # before Ray starts
+
+
+def test_int8_on_gpus_is_refused_by_the_one_rule_of_options():
+    from perceiver_cli.options import INT8_CPU_ONLY
+
+    result = CliRunner().invoke(app, ["ray-fill", "x.txt", "-o", "out", "--quantize", "int8", "--gpus-per-actor", "1"],
+                                prog_name="perceiver")
+    assert result.exit_code == 2
+    assert_one_error_line(result, INT8_CPU_ONLY)
+    assert "CPU only" not in Path(cli.__file__).read_text()  # said once, in options.py
+
+
+def test_short_version_flag_and_whole_command_descriptions():
+    long, short = (CliRunner().invoke(app, [flag], prog_name="perceiver") for flag in ("--version", "-V"))
+    assert long.exit_code == short.exit_code == 0 and short.stdout == long.stdout
+    assert short.stdout.startswith("perceiver ")
+    top = CliRunner().invoke(app, ["--help"], prog_name="perceiver", env={"COLUMNS": "80"})
+    commands = top.stdout.split("Commands:", 1)[1]
+    assert "..." not in commands and "…" not in commands
+    assert [line.split()[0] for line in commands.strip().splitlines()] == ["fill", "serve", "download", "info", "ray-fill"]
+
+
+def test_help_names_what_a_value_is():
+    fill = CliRunner().invoke(app, ["fill", "--help"], prog_name="perceiver", env={"COLUMNS": "100"}).stdout
+    assert re.search(r"--batch FILE\s", fill) and re.search(r"--server URL\s", fill)
+    assert "<list[str]>" not in fill and fill.startswith("Usage: perceiver fill [OPTIONS] [TEXT]\n")
+    ray = CliRunner().invoke(app, ["ray-fill", "--help"], prog_name="perceiver", env={"COLUMNS": "100"}).stdout
+    assert ray.startswith("Usage: perceiver ray-fill [OPTIONS] INPUT...\n")
+    assert "<list[str]>" not in ray and re.search(r"\n  INPUT\.\.\.\s+Text files", ray)
+
+
+@pytest.mark.parametrize("text, meant", [("a [mask] b", "[MASK]"), ("a <mask> b", "[MASK]"),
+                                         ("a [MASK ] b", "[MASK]"), ("a [Mask:3] b", "[MASK:3]")])
+def test_a_marker_that_is_almost_right_gets_a_hint(tiny_checkpoint, text, meant):
+    result = invoke(tiny_checkpoint, text)
+    assert result.exit_code == 2
+    assert_one_error_line(result, f"no [MASK] marker in the text: put [MASK] or [MASK:N] where bytes are missing "
+                                  f"(found {text[2:-2]!r} at character 2: did you mean {meant}?)")
+    plain = invoke(tiny_checkpoint, "she wore a mask")
+    assert plain.stderr.strip().endswith("where bytes are missing")  # a word in prose is no near miss
+
+
+def test_dash_on_a_terminal_says_how_the_text_ends(tiny_checkpoint, tmp_path):
+    master, slave = pty.openpty()
+    p = subprocess.Popen(perceiver("fill", "-m", str(tiny_checkpoint), "-"), stdin=slave, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=process_env(tmp_path))
+    os.close(slave)
+    os.write(master, b"Hello [MASK:4] world.\n\x04")
+    out, err = p.communicate(timeout=120)
+    os.close(master)
+    assert p.returncode == 0, err
+    assert err.decode().splitlines() == ["reading the text from the terminal until Ctrl-D (an empty line does not end it)"]
+    assert out.startswith(b"Hello") and out.endswith(b" world.\n")
+
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_readme_python_example_as_keywords_is_the_same_fill():
+    options = re.search(r"\noptions = FillOptions\((.*)\)  #", README).group(1)
+    keywords = re.search(r"\nresult = filler\.fill\(\"[^\"]*\", (.*)\)  # the same, as keywords", README).group(1)
+    assert eval(f"dict({options})") == eval(f"dict({keywords})")
+
+
+def test_readme_states_the_small_model_size_as_info_does():
+    small = Path(__file__).resolve().parents[1] / "tests" / "assets" / "perceiver-small"
+    result = CliRunner().invoke(app, ["info", "-m", str(small), "--device", "cpu"], prog_name="perceiver")
+    assert result.exit_code == 0, result.stderr
+    size = re.search(r"^size:\s+(\S+ MB)", result.stdout, re.M).group(1)
+    assert f"`tests/assets/perceiver-small`, 1.5M parameters, {size}" in README
