@@ -114,6 +114,38 @@ def test_the_log_writer_never_waits_for_its_stream_and_says_what_it_dropped():
                        "line 1\n", "line 2\n", "line 3\n"]
 
 
+def test_the_batcher_reports_each_computation_with_its_requests_tags():
+    import asyncio
+
+    from perceiver_cli.batcher import Batcher
+
+    seen = []
+
+    def compute(jobs, before_pass):
+        before_pass(2 * len(jobs))
+        if "bad" in jobs and len(jobs) > 1:
+            raise ValueError("fails merged")  # then each job runs alone
+        return [j.upper() for j in jobs]
+
+    def observe(items, inputs, started, seconds):
+        seen.append(([w.tag for w in items], inputs, [started - w.queued for w in items], seconds))
+
+    async def main():
+        b = Batcher(compute, key=lambda job: 0, max_batch=16, batch_wait=0.2, queue_size=8, max_inputs=100,
+                    observe=observe)
+        b.start()
+        answers = await asyncio.gather(*(b.submit(job, 1, tag=f"t-{job}") for job in ("a", "bad", "c")))
+        b.close()
+        return answers
+
+    assert asyncio.run(main()) == ["A", "BAD", "C"]
+    assert [(tags, inputs) for tags, inputs, _, _ in seen] == [
+        (["t-a", "t-bad", "t-c"], 6),  # the merged computation that failed, reported too
+        (["t-a"], 2), (["t-bad"], 2), (["t-c"], 2),  # each alone
+    ]
+    assert all(w >= 0 for _, _, waits, _ in seen for w in waits) and all(s >= 0 for *_, s in seen)
+
+
 # -- on a real server -----------------------------------------------------------------------------
 
 
