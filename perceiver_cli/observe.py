@@ -69,6 +69,7 @@ class Timing:
     queue_s: float = 0.0  # waited in the queue before its computation started
     compute_s: float = 0.0  # the computations that answered it
     inputs: int = 0  # model inputs of those computations
+    computations: int = 0  # more than one when a failed merged batch ran it again alone
 
 
 _CURRENT: ContextVar[Timing | None] = ContextVar("perceiver_request", default=None)
@@ -156,9 +157,10 @@ class Metrics:
         for timing, waited in zip(timings, queued_s):
             if timing is None:
                 continue
-            if timing.compute_s == 0.0:  # its first computation (a failed merge is run again alone)
+            if timing.computations == 0:  # its wait ended with its first computation
                 timing.queue_s = waited
                 self.queue.observe(waited)
+            timing.computations += 1
             timing.compute_s += seconds
             timing.inputs += inputs
 
