@@ -34,7 +34,7 @@ import json
 import signal
 import socket
 from contextlib import asynccontextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -66,9 +66,9 @@ def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> R
     return Response(dumps(obj), status_code=status, headers=headers, media_type="application/json")
 
 
-async def answer_response(build: Callable[[], Any]) -> Response:
-    """The JSON answer that `build()` returns, built and encoded off the event loop."""
-    return Response(await run_in_threadpool(lambda: encode(build())), media_type="application/json")
+async def answer_response(build: Callable[[], bytes]) -> Response:
+    """The JSON answer that `build()` builds and encodes, off the event loop."""
+    return Response(await run_in_threadpool(build), media_type="application/json")
 
 
 def encode(obj: Any, depth: int = 4) -> bytes:
@@ -76,10 +76,16 @@ def encode(obj: Any, depth: int = 4) -> bytes:
     and objects: the encoder holds the GIL through each call, so short calls let the event
     loop answer other requests (GET /health) while a large answer is encoded."""
     if depth and isinstance(obj, list) and obj:
-        return b"[" + b", ".join(encode(x, depth - 1) for x in obj) + b"]"
+        return encode_list(obj, depth - 1)
     if depth and isinstance(obj, dict) and obj:
         return b"{" + b", ".join(dumps(k) + b": " + encode(v, depth - 1) for k, v in obj.items()) + b"}"
     return dumps(obj)
+
+
+def encode_list(items: Iterable, depth: int = 3) -> bytes:
+    """`encode` of the list of `items`, each encoded as it comes: a generator's items are
+    built one at a time, so a large answer never holds all of its objects at once."""
+    return b"[" + b", ".join(encode(x, depth) for x in items) + b"]"
 
 
 def error_response(status: int, message: str, headers: dict | None = None, **extra) -> Response:
@@ -147,7 +153,7 @@ def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None =
     async def fill_mask(request: Request) -> Response:
         job = hf_job(await read_json(request, options.max_body, options.body_timeout_s), window)
         answer = await batcher.submit(job, 1, lambda: _disconnected(request), tag=current())
-        return await answer_response(lambda: answer)
+        return await answer_response(lambda: encode(answer))
 
     async def fill(request: Request) -> Response:
         job = fill_job(await read_json(request, options.max_body, options.body_timeout_s))
@@ -156,8 +162,8 @@ def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None =
         if job.single:
             if isinstance(results[0], Exception):
                 raise results[0]
-            return await answer_response(lambda: result_json(results[0], job))
-        return await answer_response(lambda: [result_json(r, job) for r in results])
+            return await answer_response(lambda: encode(result_json(results[0], job)))
+        return await answer_response(lambda: encode_list(result_json(r, job) for r in results))
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=metrics.content_type)
