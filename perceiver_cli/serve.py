@@ -59,9 +59,6 @@ RETRY_AFTER_S = 1
 DRAIN_LIMIT = 64 << 20  # bytes of an oversized body read (and dropped) so the 413 reaches the client
 
 
-# -- HTTP -------------------------------------------------------------------------------
-
-
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
     return Response(dumps(obj), status_code=status, headers=headers, media_type="application/json")
 
