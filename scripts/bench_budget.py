@@ -2,12 +2,14 @@
 
     python scripts/bench_budget.py CASE [--timeout S] [--memory-mb MB]
     python scripts/bench_budget.py all          # each case in its own process
+    python scripts/bench_budget.py CASE --unbounded  # the budget lifted: what the lazy passes hold
 
 A tiny random model with the real model's 2048-byte window (the bookkeeping per input is
 the real model's; the passes themselves are cheap) fills the case's texts through
 `MaskFiller.fill_many`, as the server does. Each case runs in a fresh process under a
 memory ceiling (RLIMIT_AS) and a time limit, and prints one JSON line: the case, what came
-of it (filled, refused with the error, out of memory, out of time), seconds and peak RSS.
+of it (filled, refused with the error, out of memory, out of time), seconds, peak RSS and
+the size of the answer in JSON (encoded as the server would, inside the measured time).
 Runs on any checkout of this repo (it measured the code before and after the budget).
 """
 
@@ -52,23 +54,31 @@ def tiny_filler():
     return MaskFiller(model, batch_size=8)
 
 
-def run_case(name: str) -> dict:
+def run_case(name: str, unbounded: bool = False) -> dict:
     from perceiver_cli.filler import FillOptions
 
     texts, fields = CASES[name]
     filler = tiny_filler()
+    if unbounded:  # what the lazy passes hold when a caller lifts the budget
+        from perceiver_cli.options import Budget
+
+        filler.budget = Budget(max_inputs=10**9, max_search=10**9, max_memory_mb=10**9, max_answer_mb=10**9)
     t0 = time.perf_counter()
     try:
-        results = filler.fill_many(texts, FillOptions(**fields), return_errors=True)
+        options = FillOptions(**fields)
+        results = filler.fill_many(texts, options, return_errors=True)
         errors = [str(r) for r in results if isinstance(r, Exception)]
         outcome = f"refused: {errors[0]}" if errors else "filled"
+        answer = sum(len(json.dumps(r.to_dict(options.top_k, options.explain)))  # as the server answers
+                     for r in results if not isinstance(r, Exception))
     except MemoryError:
-        outcome = "out of memory"
+        outcome, answer = "out of memory", 0
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import perceiver_cli
 
     return {"case": name, "outcome": outcome, "seconds": round(seconds, 2), "peak_mb": round(peak),
+            "answer_mb": round(answer / 2**20, 1),
             "code": str(Path(perceiver_cli.__file__).parent.parent)}
 
 
@@ -89,13 +99,14 @@ def main(argv: list[str]) -> int:
     ceiling = int(argv[argv.index("--memory-mb") + 1]) if "--memory-mb" in argv else 8192
     if name != "all":
         resource.setrlimit(resource.RLIMIT_AS, (ceiling << 20, ceiling << 20))
-        print(json.dumps(run_case(name)), flush=True)
+        print(json.dumps(run_case(name, "--unbounded" in argv)), flush=True)
         return 0
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     for case in CASES:
         t0 = time.perf_counter()
-        child = subprocess.Popen([sys.executable, __file__, case, "--memory-mb", str(ceiling)], env=env,
+        flags = ["--unbounded"] if "--unbounded" in argv else []
+        child = subprocess.Popen([sys.executable, __file__, case, "--memory-mb", str(ceiling), *flags], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         peak = 0
         while child.poll() is None and time.perf_counter() - t0 < timeout:
