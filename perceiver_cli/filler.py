@@ -250,6 +250,7 @@ class MaskFiller:
         if options.choices:
             fills = choices.fill_choices(self.runner, [templates[i] for i in order], self.window, options, check=check)
             for i, span_fills in zip(order, fills):
+                check()
                 t = templates[i]
                 spans_i = [_span_result(span, f, from_choices=True) for span, f in zip(t.spans, span_fills)]
                 results[i] = FillResult(t.render([s.data for s in spans_i]), spans_i, t.pieces)
@@ -269,6 +270,7 @@ class MaskFiller:
         fills = strategies.STRATEGIES[options.strategy](run, [job for _, job in jobs], options, check=check)
         spans: dict[int, list] = {i: [None] * len(templates[i].spans) for i in order}
         for (i, job), job_fills in zip(jobs, fills):
+            check()
             for s, f in zip(job.targets, job_fills):
                 spans[i][s] = _span_result(templates[i].spans[s], f)
         for i in order:
