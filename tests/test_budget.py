@@ -261,3 +261,70 @@ def test_choices_are_scored_a_chunk_of_inputs_at_a_time(tiny_checkpoint):
     lazy = choices.fill_choices(run, [template], filler.window, options)
     assert max(calls) < budget.CHUNK_INPUTS + 30 and sum(calls) == sum(len(w) + 1 for w in words)
     assert lazy[0][0].data == filler.fill("A [MASK] b.", options).spans[0].data
+
+
+def reference_search(run, job: strategies.Job, options: FillOptions, width: int, max_passes):
+    """The search as it was, a copy of the ids and a dict per hypothesis (one job of one
+    span): what the array search must give, ties included."""
+    from perceiver_cli.tokenizer import byte_id, decode
+
+    width = max(width, options.top_k)
+    beam = [(list(job.ids), 0.0, {})]  # (ids, score, position -> (log-prob, row))
+    passes_left = max_passes or len(job.positions())
+    while True:
+        work = [(h, [p for p in job.positions() if p not in h[2]]) for h in beam]
+        work = [w for w in work if w[1]]
+        if not work:
+            break
+        grown = []
+        for (h, rest), logp in zip(work, run([(h[0], rest) for h, rest in work])):
+            scores = strategies.choosable(logp, options)
+            best, arg = scores.max(-1)
+            c = max(1, math.ceil(len(rest) / max(1, passes_left)))
+            order = best.argsort(descending=True).tolist()
+            ids, chosen, score = list(h[0]), dict(h[2]), h[1]
+            for r in order[1:c]:
+                ids[rest[r]] = byte_id(int(arg[r]))
+                chosen[rest[r]] = (float(best[r]), logp[r])
+                score += float(best[r])
+            r = order[0]
+            values, indices = scores[r].topk(min(width, scores.shape[-1]))
+            for v, b in zip(values.tolist(), indices.tolist()):
+                if v > -math.inf:
+                    grown.append((ids[: rest[r]] + [byte_id(b)] + ids[rest[r] + 1 :], score + v,
+                                  {**chosen, rest[r]: (v, logp[r])}))
+        unique: dict = {}
+        for h in sorted(grown, key=lambda h: -h[1]):
+            unique.setdefault(tuple(h[0]), h)
+        beam = list(unique.values())[:width]
+        passes_left -= 1
+    (start, n), = job.spans
+    fills: dict = {}
+    for ids, _, chosen in beam:
+        data, score = decode(ids[start : start + n]), sum(chosen[p][0] for p in range(start, start + n))
+        if data not in fills or score > fills[data][0]:
+            fills[data] = (score, chosen)
+    ranked = sorted(fills.items(), key=lambda kv: -kv[1][0])
+    chosen = ranked[0][1][1]
+    return (ranked[0][0], [chosen[p][0] for p in range(start, start + n)],
+            torch.stack([chosen[p][1] for p in range(start, start + n)]), [(d, s) for d, (s, _) in ranked[:options.top_k]])
+
+
+def tied_run(jobs):
+    """A made-up model with many tied log-probabilities, the same for the same input."""
+    out = []
+    for ids, positions in jobs:
+        g = torch.Generator().manual_seed(hash((tuple(ids), tuple(positions))) % 2**62)
+        out.append(torch.log_softmax((torch.randn(len(positions), 262, generator=g) * 4).round() / 2, -1))
+    return out
+
+
+@pytest.mark.parametrize("n, width, top_k, passes, single_line", [
+    (6, 1, 1, None, False), (7, 1, 3, 2, False), (5, 4, 4, 2, True), (9, 6, 2, 3, False), (4, 16, 16, None, False)])
+def test_search_equals_the_search_with_a_copy_per_hypothesis(n, width, top_k, passes, single_line):
+    job = strategies.Job(ids=[4, 80] + [3] * n + [90, 5], spans=[(2, n)], targets=[0])
+    options = FillOptions(top_k=top_k, single_line=single_line)
+    (fill,), = strategies.search(tied_run, [job], options, width=width, max_passes=passes)
+    data, byte_logprobs, logp, candidates = reference_search(tied_run, job, options, width, passes)
+    assert fill.data == data and fill.byte_logprobs == byte_logprobs and torch.equal(fill.logp, logp)
+    assert fill.candidates == candidates
