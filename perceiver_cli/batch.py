@@ -495,4 +495,5 @@ def _progress(console: "Console"):
         TextColumn("{task.fields[rate]} lines/s"),
         TimeRemainingColumn(),
         console=console,
+        redirect_stdout=False,  # what is printed on sys.stdout stays there (ray-fill's Ray prints to its log)
     )

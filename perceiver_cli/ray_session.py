@@ -19,8 +19,10 @@ class RaySession:
     """Ray for one run: a local Ray started, or the cluster of `settings.address` joined,
     unless this process is already connected; shut down at the end when started here.
 
-    With `quiet_ray`, Ray's own messages stay off stderr: its C++ core prints notices on
-    descriptor 2 that no Python setting silences, so while the run lasts descriptor 2 goes
+    With `quiet_ray`, Ray's own messages stay off stderr and stdout: its C++ core prints
+    notices on descriptor 2 that no Python setting silences, and the driver's thread that
+    listens for errors prints them on `sys.stdout` (`(raylet) Task ... submit failed` when a
+    failed run stops its actors). So while the run lasts descriptor 2 and `sys.stdout` go
     to a log file and `sys.stderr` (our messages, the progress bar) to a copy of the real
     stderr. The file is removed after the run, or kept and named in the error when Ray
     itself fails (a plain `PerceiverError`, not the model's nor the input's)."""
@@ -29,7 +31,7 @@ class RaySession:
         self.ray, self.settings, self.started = ray, settings, False
         self.log: str | None = None  # the file that keeps Ray's messages
         self.saved: int | None = None  # the real stderr, while descriptor 2 is the log
-        self.stderr = None  # sys.stderr before
+        self.stderr = self.stdout = None  # sys.stderr and sys.stdout before
 
     def __enter__(self) -> "RaySession":
         if self.settings.quiet_ray:
@@ -59,6 +61,7 @@ class RaySession:
         sys.stderr = io.TextIOWrapper(io.FileIO(self.saved, "w", closefd=False), line_buffering=True,
                                       encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
                                       errors="backslashreplace")
+        self.stdout, sys.stdout = sys.stdout, open(self.log, "a", encoding="utf-8", errors="backslashreplace")
 
     def __exit__(self, kind, error, tb) -> None:
         keep = self.log is not None and kind is PerceiverError
@@ -78,6 +81,8 @@ class RaySession:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+        log, sys.stdout = sys.stdout, self.stdout
+        log.close()
         os.dup2(self.saved, 2)
         os.close(self.saved)
         self.saved, sys.stderr = None, self.stderr

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import pty
+import resource
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from perceiver_cli.cli import app  # noqa: E402
 from perceiver_cli.corpus import JOURNAL, OutputFolder, expand_inputs  # noqa: E402
 from perceiver_cli.filler import MaskFiller  # noqa: E402
 from perceiver_cli.options import FillOptions, LoadOptions, RayOptions  # noqa: E402
+from perceiver_cli.ray_session import RaySession  # noqa: E402
 
 from .conftest import ctrl_c_reaches_it, perceiver, process_env, read_pty  # noqa: E402
 
@@ -334,6 +337,46 @@ def test_long_and_latin_1_file_names(cluster, tiny_checkpoint, tmp_path):
         assert [r["file"].encode("utf-8", "surrogateescape") for r in got] == [bytes(path)] * len(got)
         for g, w in zip(got, batch_records(tiny_checkpoint, path)):
             assert_same_record(g, w)
+
+
+def no_files_past(size: int):
+    """`preexec_fn`: files this process writes may not grow past `size` bytes (a write past it
+    fails, EFBIG), as on a disk that is full."""
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal that would kill the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
+
+
+def test_a_write_that_fails_mid_run_leaves_no_partial_file_and_one_line(cluster, tiny_checkpoint, tmp_path):
+    """The output cannot grow (as on a full disk) while the actors work: exit 1, one error line,
+    no partial file left (the old cleanup failed a second time and left it), and nothing from
+    Ray on either stream (its error listener printed `(raylet) Task ... submit failed` on
+    stdout as the failed run stopped its actors)."""
+    source = write(tmp_path / "big.txt", "".join(f"line {i}: the [MASK:3] went away\n" for i in range(300)).encode())
+    proc = subprocess.run(perceiver("ray-fill", str(source), "-o", str(tmp_path / "out"), "--address", cluster,
+                                    "-m", str(tiny_checkpoint), "--batch-size", BATCH, "-k", "3"),
+                          capture_output=True, env=process_env(tmp_path), timeout=300, preexec_fn=no_files_past(20_000))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, b"", b"error: File too large\n")
+    assert os.listdir(tmp_path / "out") == [JOURNAL]
+
+
+def test_while_a_run_lasts_rays_prints_go_to_its_log(cluster, capfd):
+    """Ray's C++ core writes on descriptor 2 and its error listener prints on sys.stdout
+    (`(raylet) Task ... submit failed`, as a failed run stops its actors): both go to the
+    run's log, which is removed after a run that did not fail; our messages stay on stderr."""
+    with RaySession(ray, RayOptions()) as session:
+        print("(raylet) Task MapWorker(MapBatches(RecordFill)).submit failed")
+        os.write(2, b"[core] a native notice\n")
+        sys.stderr.write("ours\n")
+        sys.stdout.flush()
+        logged = Path(session.log).read_text()
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "ours\n")
+    assert "submit failed" in logged and "a native notice" in logged
+    assert not os.path.exists(session.log)
 
 
 def test_choices_as_in_fill_batch(cluster, tiny_checkpoint, tmp_path):
