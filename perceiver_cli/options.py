@@ -431,4 +431,4 @@ class RayOptions(_Options):
     def check_load(self, load: LoadOptions) -> None:
         """The rules between Ray's resources and the model's: int8 needs CPU actors."""
         if load.quantize == "int8" and self.gpus_per_actor:
-            raise OptionError("quantize", f"{INT8_CPU_ONLY}: leave gpus_per_actor at 0")
+            raise OptionError("quantize", f"{INT8_CPU_ONLY}: use no GPUs per actor")

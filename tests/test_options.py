@@ -322,5 +322,5 @@ def test_int8_runs_on_the_cpu_only_one_rule_for_the_model_and_for_ray():
     RayOptions(gpus_per_actor=0.5).check_load(LoadOptions())  # GPUs without int8: fine
     with pytest.raises(OptionError) as caught:
         RayOptions(gpus_per_actor=0.5).check_load(int8)
-    assert str(caught.value) == f"quantize {INT8_CPU_ONLY}: leave gpus_per_actor at 0"
+    assert str(caught.value) == f"quantize {INT8_CPU_ONLY}: use no GPUs per actor"
     assert str(refused(LoadOptions, quantize="int8", device="cuda:0")) == f"quantize {INT8_CPU_ONLY}: use device cpu"
