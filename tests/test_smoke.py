@@ -107,3 +107,47 @@ def test_hub(hub, tmp_path):  # noqa: F811  (the fixture)
     assert (info["model"].strip(), info["commit"].strip()) == ("org/small", commit)
     assert int(info["parameters"].replace(",", "")) > 0
     assert hub.requests == []
+
+
+def test_serve(tmp_path):
+    """The server on the lowest versions of starlette, uvicorn and prometheus_client: it
+    starts, answers /health, a fill, /metrics and the page, and stops on SIGTERM with exit
+    0; stderr holds the serving line and one access-log line per request, nothing else."""
+    import re
+    import signal
+    import urllib.request
+
+    script = Path(sys.executable).with_name("perceiver")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "perceiver_cli"]
+    environ = {k: v for k, v in os.environ.items() if k not in ("PERCEIVER_API_KEY", "PERCEIVER_DEBUG", "PYTHONWARNINGS")}
+    proc = subprocess.Popen([*command, "serve", "-m", str(SMALL), "--port", "0", "--threads", "1"], cwd=tmp_path,
+                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+        assert found, line + (proc.stderr.read() if proc.poll() is not None else "")
+        url = found[1]
+
+        def get(path: str, **headers: str) -> tuple[int, str, bytes]:
+            request = urllib.request.Request(url + path, headers=headers)
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, answer.headers.get("Content-Type", ""), answer.read()
+
+        assert json.loads(get("/health")[2]) == {"status": "ok"}
+        body = json.dumps({"text": TEXT, "options": {"strategy": "oneshot"}}).encode()
+        request = urllib.request.Request(url + "/v1/fill", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            assert answer.headers.get("X-Request-ID")
+            check_fill(json.loads(answer.read()))
+        status, kind, metrics = get("/metrics")
+        assert status == 200 and b"perceiver_requests_total" in metrics
+        status, kind, page = get("/", Accept="text/html")
+        assert status == 200 and kind.startswith("text/html") and b"<textarea" in page
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        rest = proc.stderr.read().splitlines()
+        assert len(rest) == 4 and all(" GET " in r or " POST " in r for r in rest), rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
