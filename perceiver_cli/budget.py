@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 
 from .errors import InputError
 from .masks import Template
-from .options import Budget, FillOptions
+from .options import NO_FLAG, Budget, FillOptions, flag_of
 
-__all__ = ["Budget", "Cost", "OverBudget", "estimate", "check", "CHUNK_INPUTS", "CHUNK_ROWS"]
+__all__ = ["Budget", "Cost", "OverBudget", "estimate", "check", "as_flags", "CHUNK_INPUTS", "CHUNK_ROWS"]
 
 VOCAB = 262  # ids a row of log-probabilities holds
 ROW = VOCAB * 4  # bytes of one float32 row
@@ -56,11 +56,45 @@ MB = 1 << 20
 
 
 class OverBudget(InputError):
-    """A text whose estimated cost is over a limit of the `Budget`: `limit` is the field."""
+    """A text whose estimated cost is over a limit of the `Budget`: `limit` is the field.
+    Its message names fields (`(max_inputs)`, `top_k`), as a Python caller and the server's
+    clients give them; `flag()` is the same message in the command line's flags."""
 
-    def __init__(self, limit: str, needed: int, allowed: int, message: str):
+    def __init__(self, limit: str, needed: int, allowed: int, message: str, *, what: str = "", knob: str = ""):
         self.limit, self.needed, self.allowed = limit, needed, allowed
+        self.what, self.knob = what, knob  # "{:,} model inputs", a key of KNOBS
         super().__init__(message)
+
+    def flag(self) -> str:
+        """`the fill would take about 40,531 model inputs, over the budget's 20,000
+        (--max-inputs): ask for ... a smaller --max-span, or raise --max-inputs`; an option
+        without a flag (length_candidates) is named as such."""
+        if not self.what:
+            return str(self)
+        flagless: list[str] = []
+
+        def shown(name: str) -> str:
+            if name in NO_FLAG:
+                flagless.append(name)
+                return name
+            return flag_of(name)
+
+        hint = KNOBS[self.knob].format_map(_Names(shown))
+        flag = flag_of(self.limit)
+        note = f"; {', '.join(flagless)}: no command-line flag (Python's FillOptions and /v1/fill only)" if flagless else ""
+        return (f"the fill would take about {self.what.format(self.needed)}, over the budget's {self.allowed:,} "
+                f"({flag}): ask for {hint}, or raise {flag}{note}")
+
+
+class _Names(dict):
+    """`str.format_map` of a KNOBS text: each `{field}` as `shown(field)`."""
+
+    def __init__(self, shown):
+        super().__init__()
+        self.shown = shown
+
+    def __missing__(self, name: str) -> str:
+        return self.shown(name)
 
 
 @dataclass
@@ -84,13 +118,13 @@ class Cost:
         return max(weights.items(), key=lambda kv: kv[1])[0]
 
 
-KNOBS = {  # what to turn, by the part of the work that weighs most
+KNOBS = {  # what to turn, by the part of the work that weighs most ({field}: an option, shown as a flag on the CLI)
     "windows": "fewer markers or a shorter text per request (split it)",
-    "lengths": "fewer scored lengths (length_candidates) or a smaller max_span",
-    "search": "a smaller top_k or beam_width, fewer iterative_passes (or strategy oneshot)",
-    "k-best": "a smaller top_k",
-    "choices": "fewer or shorter choices (or choice_score sum)",
-    "explain": "explain off, or fewer masked bytes per text",
+    "lengths": "fewer scored lengths ({length_candidates}) or a smaller {max_span}",
+    "search": "a smaller {top_k} or {beam_width}, fewer {iterative_passes} (or {strategy} oneshot)",
+    "k-best": "a smaller {top_k}",
+    "choices": "fewer or shorter {choices} (or {choice_score} sum)",
+    "explain": "{explain} off, or fewer masked bytes per text",
     "text": "fewer masked bytes per text (split it)",
 }
 
@@ -207,7 +241,14 @@ def check(cost: Cost, budget: Budget) -> None:
     ]
     for measure, needed, allowed, name, what in limits:
         if needed > allowed:
-            hint = KNOBS[cost.why(measure)]
+            knob = cost.why(measure)
+            hint = KNOBS[knob].format_map(_Names(str))
             raise OverBudget(name, needed, allowed,
                              f"the fill would take about {what.format(needed)}, over the budget's {allowed:,} "
-                             f"({name}): ask for {hint}")
+                             f"({name}): ask for {hint}", what=what, knob=knob)
+
+
+def as_flags(results: list) -> list:
+    """`fill_many`'s results with each `OverBudget` worded in the command line's flags
+    (`flag()`): the line errors `fill --batch` and `ray-fill` write."""
+    return [OverBudget(r.limit, r.needed, r.allowed, r.flag()) if isinstance(r, OverBudget) else r for r in results]

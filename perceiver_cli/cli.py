@@ -2,8 +2,9 @@
 
 Every option's default and rule is the options dataclass's (options.py): the commands
 declare each option once (below: the load options shared by every command that loads a
-model, the fill options shared by `fill` and `ray-fill`) and build `LoadOptions`,
-`FillOptions`, `ServeOptions` and `RayOptions` from what was parsed (`_options`). Where
+model, the fill options shared by `fill` and `ray-fill`, the work budget shared by `fill`,
+`ray-fill` and `serve`) and build `LoadOptions`, `FillOptions`, `Budget`, `ServeOptions`
+and `RayOptions` from what was parsed (`_options`). Where
 input comes from, where output goes and how a command ends is console.py's.
 
 torch is imported only by the commands that run the model, so `--help`, `--version` and
@@ -26,7 +27,7 @@ from . import __version__, runtime
 from .console import (Command, OneLineErrors, check_stdout, debug, exit_after, failures, print_fields, read_document, say,
                       stderr_console, stdout_console, write_stdout)
 from .options import (CHOICE_SCORES, DEVICES, DTYPES, LOG_FORMATS, MAX_BATCH_SIZE, MAX_TOP_K, MODEL_ENV, QUANTIZE,
-                      SERVER_ENV, STRATEGIES, FillOptions, LoadOptions, RayOptions, ServeOptions)
+                      SERVER_ENV, STRATEGIES, Budget, FillOptions, LoadOptions, RayOptions, ServeOptions)
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -92,6 +93,18 @@ ChoiceOpt = typer.Option(None, "--choice", metavar="WORD",
                               "-k N shows the N best, JSON lists them all with their scores.")
 ChoiceScoreOpt = typer.Option(FillOptions.choice_score, "--choice-score", autocompletion=_completer(CHOICE_SCORES),
                               help=f"How a --choice is scored: {', '.join(CHOICE_SCORES)} (README: Choices).")
+
+# the work budget, what one text may cost, estimated before any of it is built (budget.py):
+# fill (in-process), ray-fill, serve (whose --max-inputs is its own: ServeOptions'). Over a
+# limit the text is refused (exit 2; its line's error with --batch; a 400), naming the flag.
+MaxInputsOpt = typer.Option(Budget.max_inputs, "--max-inputs",
+                            help="Most model inputs one text may take (a window in one pass: ~1 s each on the full model's CPU).")
+MaxSearchOpt = typer.Option(Budget.max_search, "--max-search",
+                            help="Most scores one text's search may handle outside the passes, in millions (k-best, beams, length scoring).")
+MaxMemoryOpt = typer.Option(Budget.max_memory_mb, "--max-memory-mb",
+                            help="Most memory one text may take at its peak, in MiB, estimated; a batch's texts are filled in groups under it.")
+MaxAnswerOpt = typer.Option(Budget.max_answer_mb, "--max-answer-mb",
+                            help="Largest JSON answer of one text, in MiB, estimated (serve: also of one /v1/fill answer).")
 
 
 def _check_modes(*, text, batch, output, resume, explain, top_k, as_json) -> None:
@@ -206,7 +219,11 @@ def fill(
     output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE", help="With --batch: write to FILE instead of stdout."),
     resume: bool = typer.Option(False, "--resume", help="With --batch -o FILE: skip lines already written."),
     server: Optional[str] = typer.Option(None, "--server", envvar=SERVER_ENV, metavar="URL",
-                                         help="Fill through a running `perceiver serve` at URL (its model and device; no torch loaded here)."),
+                                         help="Fill through a running `perceiver serve` at URL (its model, device and budget; no torch loaded here)."),
+    max_inputs: int = MaxInputsOpt,
+    max_search: int = MaxSearchOpt,
+    max_memory_mb: int = MaxMemoryOpt,
+    max_answer_mb: int = MaxAnswerOpt,
 ):
     """Fill the masked spans of a text.
 
@@ -231,16 +248,19 @@ def fill(
         _check_modes(text=text, batch=batch, output=output, resume=resume, explain=explain, top_k=top_k, as_json=as_json)
         options = _options(FillOptions, ctx, single_line=batch is not None and not as_json)
         load = _options(LoadOptions, ctx)
+        budget = _options(Budget, ctx)
         if batch is not None:
             from . import batch as batch_mode
             from .client import ServerError
 
+            from .budget import as_flags
+
             source = batch_mode.open_input(batch, output)  # an unreadable FILE fails before the model loads
             out = batch_mode.Output(output, resume=resume, as_json=as_json)  # locked before the model loads
             try:
-                filler = _filler(ctx, server, load, options)
+                filler = _filler(ctx, server, load, options, budget)
                 failed = batch_mode.run(
-                    lambda texts, o: filler.fill_many(texts, o, return_errors=True), source, out, options,
+                    lambda texts, o: as_flags(filler.fill_many(texts, o, return_errors=True)), source, out, options,
                     as_json=as_json, chunk=load.batch_size * batch_mode.CHUNK_BATCHES,
                     stderr=stderr_console(), stdout_is_terminal=stdout_console().is_terminal,
                 )
@@ -263,21 +283,23 @@ def fill(
         from .masks import parse
 
         parse(document, options.mask_token)  # a missing or malformed marker fails here, before torch loads
-        filler = _filler(ctx, server, load, options)
-        result = filler.fill(document, options)
+        filler = _filler(ctx, server, load, options, budget)
+        result = filler.fill(document, options)  # over the budget: OverBudget, shown with its flags (exit 2)
         _write_document(result, options, as_json=as_json, from_stdin=from_stdin)
 
 
-def _filler(ctx: typer.Context, server: Optional[str], load: LoadOptions, options: FillOptions):
-    """What fills: the model loaded here, or with --server URL (or $PERCEIVER_SERVER) a
-    `perceiver serve` (client.py: never imports torch). Either one takes
-    `fill(text, options)` and `fill_many(texts, options, return_errors=True)`, and has
-    checked the options against its model."""
+def _filler(ctx: typer.Context, server: Optional[str], load: LoadOptions, options: FillOptions, budget: Budget):
+    """What fills: the model loaded here, held to `budget`, or with --server URL (or
+    $PERCEIVER_SERVER) a `perceiver serve` (client.py: never imports torch), held to its
+    own. Either one takes `fill(text, options)` and `fill_many(texts, options,
+    return_errors=True)`, and has checked the options against its model."""
     from .client import server_url
 
     url = server_url(server, {})
     if url is None:
-        return _load_filler(load, options)
+        filler = _load_filler(load, options)
+        filler.budget = budget
+        return filler
     from .client import Client
 
     def given(option: str, env: str) -> str | None:  # where the user gave `option`, if they did
@@ -308,7 +330,10 @@ def serve(
     batch_wait_ms: float = typer.Option(ServeOptions.batch_wait_ms, "--batch-wait-ms", help="How long to wait for more requests before a batch runs."),
     queue_size: int = typer.Option(ServeOptions.queue_size, "--queue-size", help="Most requests waiting; beyond, 503."),
     max_body_mb: float = typer.Option(ServeOptions.max_body_mb, "--max-body-mb", help="Largest request body, in MiB; beyond, 413."),
-    max_inputs: int = typer.Option(ServeOptions.max_inputs, "--max-inputs", help="Most model inputs (a window of a text in one pass) one request may take; beyond, 400."),
+    max_inputs: int = typer.Option(ServeOptions.max_inputs, "--max-inputs", help="Most model inputs (a window of a text in one pass) one request may take, and each of its texts (estimated before any work); beyond, 400."),
+    max_search: int = MaxSearchOpt,
+    max_memory_mb: int = MaxMemoryOpt,
+    max_answer_mb: int = MaxAnswerOpt,
     body_timeout_s: float = typer.Option(ServeOptions.body_timeout_s, "--body-timeout-s", help="Seconds a client has to send its request body; then 408."),
     api_key_file: Optional[str] = typer.Option(None, "--api-key-file", metavar="FILE", help="Require `Authorization: Bearer KEY`, KEY the file's first line (or set PERCEIVER_API_KEY)."),
     access_log: bool = typer.Option(ServeOptions.access_log, "--access-log/--no-access-log", help="One line per request on stderr."),
@@ -334,6 +359,7 @@ def serve(
 
         load = _options(LoadOptions, ctx)
         settings = _options(ServeOptions, ctx, api_key=read_api_key(api_key_file, os.environ))
+        budget = _options(Budget, ctx)  # its max_inputs is --max-inputs, the server's
         filler = _load_filler(load)
         from .serve import describe, run
 
@@ -352,7 +378,7 @@ def serve(
 
         access_log = LineWriter(Diagnostics().write)  # best effort: stderr never stops nor slows the server
         try:
-            run(filler, settings, announce=announce, log=access_log)
+            run(filler, settings, announce=announce, log=access_log, budget=budget)
         finally:
             access_log.close()
 
@@ -438,6 +464,10 @@ def ray_fill(
     dtype: str = DtypeOpt,
     offline: bool = OfflineOpt,
     resume: bool = typer.Option(False, "--resume", help="Go on after an interrupted run: skip the files complete with these inputs and options, continue the one cut off."),
+    max_inputs: int = MaxInputsOpt,
+    max_search: int = MaxSearchOpt,
+    max_memory_mb: int = MaxMemoryOpt,
+    max_answer_mb: int = MaxAnswerOpt,
 ):
     """Fill every line of many files on Ray (a local one, or a cluster with GPUs).
 
@@ -459,6 +489,7 @@ def ray_fill(
         options = _options(FillOptions, ctx)
         load = _options(LoadOptions, ctx)
         settings = _options(RayOptions, ctx, quiet_ray=not debug())
+        budget = _options(Budget, ctx)
         settings.check_load(load)
         from . import corpus
         from . import ray_fill as rf
@@ -469,7 +500,7 @@ def ray_fill(
         with corpus.OutputFolder(output) as folder:  # locked: a second run on DIR is exit 2 at once
             folder.plan(found, corpus.run_key(load, options), resume=resume)
             stderr = stderr_console()
-            tally = rf.run(found, folder, load, options, settings, stderr=stderr)
+            tally = rf.run(found, folder, load, options, settings, stderr=stderr, budget=budget)
         notes = ([f"{len(found)} files in {output}"] if stderr.is_terminal else []) + corpus.already(found)
         report(stderr, tally, f" ({'; '.join(notes)})" if notes else "")
         if tally.failed:

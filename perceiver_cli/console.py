@@ -125,7 +125,6 @@ def failures():
     (full traceback) instead of the one-line error.
     """
     from .errors import PerceiverError
-    from .options import OptionError
 
     try:
         yield
@@ -139,7 +138,7 @@ def failures():
     except PerceiverError as e:
         if debug():
             raise
-        error(e.flag() if isinstance(e, OptionError) else str(e))
+        error(e.flag())  # in the command line's words: `--top-k ...` where the library says `top_k ...`
         raise typer.Exit(e.exit_code)
     except OSError as e:  # e.g. the disk is full, or a file vanished while we read it
         if debug():

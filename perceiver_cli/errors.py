@@ -10,6 +10,11 @@ class PerceiverError(Exception):
 
     exit_code = 1
 
+    def flag(self) -> str:
+        """The message in the command line's words: its flags where the library names an
+        option (`OptionError`, `OverBudget`); for other errors the message itself."""
+        return str(self)
+
 
 class InputError(PerceiverError, ValueError):
     """Bad input: a text without a marker, a malformed marker, a span that cannot fit."""

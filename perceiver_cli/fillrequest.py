@@ -2,7 +2,7 @@
 `FillJob`, the size of its answer estimated before any work, its answer built.
 
     job = fill_job({"texts": ["a [MASK:3] b"], "options": {"top_k": 2}})  # InputError/OptionError
-    check_answer_size(job)        # InputError when the answer would pass MAX_FILL_ANSWER
+    check_answer_size(job, limit)  # InputError when the answer would pass limit (Budget.max_answer_mb)
     results = filler.fill_many(job.texts, job.options, return_errors=True)
     [result_json(r, job) for r in results]   # the objects of `perceiver fill --json`
 
@@ -11,7 +11,9 @@ true` the exact wire format the CLI's client reads (`result_to_wire`); a text th
 be filled answers `{"error": "..."}` in its place. Answers are bounded like the fill-mask
 task's (fillmask.py): `answer_bytes` estimates one from the texts, their spans, top_k,
 explain, choices and detail, so a request whose answer would be too large is refused
-before the model or the answer's objects take any memory.
+before the model or the answer's objects take any memory. The limit is the work budget's
+`max_answer_mb` (options.Budget: `perceiver serve --max-answer-mb`), which also bounds each
+text's answer: one rule for the size of an answer, per text and per /v1/fill answer.
 
 It imports no torch and nothing of HTTP or the server (`masks` reads the spans).
 """
@@ -24,10 +26,10 @@ from typing import Any
 from . import masks
 from .errors import InputError
 from .fillmask import json_type
-from .options import FillOptions
+from .options import Budget, FillOptions
 from .results import result_to_wire
 
-MAX_FILL_ANSWER = 64 << 20  # bytes a /v1/fill answer may take, as `answer_bytes` estimates it
+MAX_FILL_ANSWER = Budget.max_answer_mb << 20  # bytes a /v1/fill answer may take by default, as `answer_bytes` estimates it
 
 
 @dataclass
@@ -88,12 +90,13 @@ def answer_bytes(job: FillJob) -> int:
     return total
 
 
-def check_answer_size(job: FillJob) -> None:
-    """`InputError` when the answer to `job` would take more than MAX_FILL_ANSWER bytes."""
+def check_answer_size(job: FillJob, limit: int = MAX_FILL_ANSWER) -> None:
+    """`InputError` when the answer to `job` would take more than `limit` bytes (the
+    server's: its budget's `max_answer_mb`)."""
     size = answer_bytes(job)
-    if size > MAX_FILL_ANSWER:
-        raise InputError(f"the answer would take about {size >> 20} MiB, over the {MAX_FILL_ANSWER >> 20} MiB a "
-                         "/v1/fill answer may take: send fewer texts (or fewer [MASK] per text), or ask for less "
+    if size > limit:
+        raise InputError(f"the answer would take about {size >> 20} MiB, over the {limit >> 20} MiB a "
+                         "/v1/fill answer may take (perceiver serve --max-answer-mb): send fewer texts (or fewer [MASK] per text), or ask for less "
                          "per span (a smaller top_k or max_span, explain off, fewer choices)")
 
 

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 
 from . import __version__
 from .observe import TIMING_HEADERS
-from .options import CHOICE_SCORES, MAX_CHOICES, MAX_TOP_K, STRATEGIES, FillOptions
+from .options import CHOICE_SCORES, MAX_CHOICES, MAX_TOP_K, STRATEGIES, Budget, FillOptions
 
 REF = "#/components/schemas/"
 ENUMS = {"strategy": list(STRATEGIES), "choice_score": list(CHOICE_SCORES)}
@@ -129,6 +129,8 @@ def schemas() -> dict:
         "mask_token": STRING, "batch_size": INTEGER, "max_batch": INTEGER, "batch_wait_ms": NUMBER,
         "queue_size": INTEGER, "max_inputs": INTEGER, "body_timeout_s": NUMBER, "max_body": INTEGER,
         "auth": BOOLEAN,
+        "budget": _object({f.name: INTEGER for f in fields(Budget)}, [f.name for f in fields(Budget)],
+                          description="what one text may cost (README: Limits); max_answer_mb also bounds a /v1/fill answer"),
         "queue": _object({"waiting": INTEGER, "running": INTEGER, "batches": INTEGER}, ["waiting", "running", "batches"]),
     }, ["model", "device", "dtype", "parameters", "version", "queue"], extra=True)
     return {"FillOptions": options_schema(), "FillRequest": fill_request, "FillResult": result, "Span": span,

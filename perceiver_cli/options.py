@@ -47,6 +47,9 @@ NOT_WITH_CHOICES = ("strategy", "max_span", "iterative_passes", "beam_width", "l
 
 
 INT8_CPU_ONLY = "int8 runs on the CPU only"
+# FillOptions fields that the command line does not offer (set them from Python or in
+# /v1/fill's "options"): a message that names one says so instead of showing a flag.
+NO_FLAG = ("single_line", "iterative_passes", "beam_width", "length_alpha", "length_candidates", "length_prior")
 
 
 class OptionError(InputError):
@@ -62,8 +65,13 @@ class OptionError(InputError):
         no field, like an environment variable's, as it is)."""
         if not (self.name.isidentifier() and self.name.islower()):
             return str(self)
-        name = {"choices": "choice"}.get(self.name, self.name)  # `choices` is given as --choice WORD ...
-        return f"--{name.replace('_', '-')} {self.rule}"
+        return f"{flag_of(self.name)} {self.rule}"
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of an option's field name: `top_k` -> `--top-k`, `choices` ->
+    `--choice` (given as --choice WORD ...)."""
+    return "--" + {"choices": "choice"}.get(name, name).replace("_", "-")
 
 
 def _whole(name: str, value: Any, lo: int, hi: int | None = None, what: str = "") -> None:
@@ -280,7 +288,10 @@ class Budget(_Options):
     """What one text's fill may cost, estimated from what it asks before anything is built
     (budget.py). Over a limit the text is refused with `OverBudget` (an `InputError`: exit 2,
     a 400) naming the option to turn. The defaults let any document of ordinary size be
-    filled with any strategy, and refuse requests that would take gigabytes or hours."""
+    filled with any strategy, and refuse requests that would take gigabytes or hours.
+    Each field is a flag of `fill`, `ray-fill` and `serve` (`--max-inputs`, ...); on the
+    server `max_inputs` is its `--max-inputs` (ServeOptions: also counted per request) and
+    `max_answer_mb` also bounds a whole /v1/fill answer (fillrequest.py)."""
 
     max_inputs: int = 20_000  # model inputs (a window in one pass); ~1 s each on the full model's CPU
     max_search: int = 2_000  # millions of scores the search handles outside the passes (~1 s per 500)

@@ -35,9 +35,10 @@ import os
 from typing import TYPE_CHECKING
 
 from .batch import CHUNK_BATCHES, Outcome, ProgressBar, Tally, can_redraw, fill_chunk, record
+from .budget import as_flags
 from .corpus import Input, OutputFolder, Writer, read_chunks
 from .errors import InputError, PerceiverError
-from .options import FillOptions, LoadOptions, OptionError, RayOptions
+from .options import Budget, FillOptions, LoadOptions, OptionError, RayOptions
 from .ray_session import RaySession, check_local_resources, from_ray
 from .results import dumps, file_record, json_line
 
@@ -105,7 +106,8 @@ class MaskFill:
     fill --json`, as JSON text; None when it failed) and `error` (why it failed, else
     None). A text that cannot be filled (no marker, a malformed marker) gets its error;
     the others go on. The texts of one batch are one chunk of batch mode: one `fill_many`
-    call, `load.batch_size` texts per forward pass.
+    call, `load.batch_size` texts per forward pass. `budget` (a `Budget` or its dict; default
+    `Budget()`) is what one text may cost: a text over it gets its `OverBudget` as its error.
 
     In a Ray actor, torch uses as many threads as the actor has CPUs (`num_cpus`) unless
     `load.threads` says otherwise; the device is `load.device` (auto: the actor's GPU, if
@@ -115,7 +117,7 @@ class MaskFill:
     """
 
     def __init__(self, load: LoadOptions | dict | str | None = None, fill: FillOptions | dict | None = None,
-                 *, column: str = "text"):
+                 *, column: str = "text", budget: Budget | dict | None = None):
         self.column, self.error, self.filler = column, None, None
         try:
             self.load_options = _load_options(load)
@@ -126,6 +128,8 @@ class MaskFill:
             from .filler import MaskFiller
 
             self.filler = MaskFiller.from_pretrained(self.load_options)
+            if budget is not None:  # what one text may cost (budget.py); else Budget()'s defaults
+                self.filler.budget = budget if isinstance(budget, Budget) else Budget.from_dict(budget)
             self.filler.check(self.fill_options)
             _set_threads(self.load_options)
         except PerceiverError as e:
@@ -191,8 +195,12 @@ class RecordFill(MaskFill):
     `fatal_code`): data, not an exception, so the driver reads it as it was raised here
     (Ray hands exceptions back wrapped, their causes as text)."""
 
-    def __init__(self, load=None, fill=None):
-        super().__init__(load, fill, column="lines")
+    def __init__(self, load=None, fill=None, budget=None):
+        super().__init__(load, fill, column="lines", budget=budget)
+
+    def outcomes(self, lines: list[bytes | None], first: int = 1, skip: int = 0) -> list[Outcome]:
+        """MaskFill's, a line over the budget with its error in the command's flags (`--max-inputs`)."""
+        return [Outcome(o.number, o.line, o.end, as_flags([o.result])[0]) for o in super().outcomes(lines, first, skip)]
 
     def __call__(self, batch):  # a pyarrow Table
         import pyarrow as pa
@@ -219,14 +227,14 @@ class RecordFill(MaskFill):
 
 def fill_dataset(ds, load: LoadOptions | dict | str | None = None, fill: FillOptions | dict | None = None, *,
                  column: str = "text", actors: int = 1, gpus_per_actor: float = 0, cpus_per_actor: float = 1,
-                 rows_per_call: int | None = None, **map_batches_args):
+                 rows_per_call: int | None = None, budget: Budget | dict | None = None, **map_batches_args):
     """`ds` (a `ray.data.Dataset` with a text column) with each row filled: `MaskFill`'s
     columns `filled`, `spans` and `error` added. Lazy, as any Dataset: write it
     (`.write_json(...)`, `.write_parquet(...)`) or iterate it to run it.
 
     `actors` model copies run at once, each with `cpus_per_actor` CPUs and
     `gpus_per_actor` GPUs (fractions share a GPU); each call fills `rows_per_call` rows
-    (default 4 x `load.batch_size`, as batch mode); `map_batches_args` go to
+    (default 4 x `load.batch_size`, as batch mode), each text held to `budget` (MaskFill's); `map_batches_args` go to
     `map_batches` as they are (`memory=`, `accelerator_type=`, ...). An actor that dies is
     restarted and its batch run again (Ray Data's defaults: without limit). The actors hold
     their CPUs for the whole run: leave the cluster a CPU for the stages before them
@@ -246,7 +254,7 @@ def fill_dataset(ds, load: LoadOptions | dict | str | None = None, fill: FillOpt
                       stacklevel=2)
     return ds.map_batches(
         MaskFill,
-        fn_constructor_kwargs={"load": load, "fill": fill, "column": column},
+        fn_constructor_kwargs={"load": load, "fill": fill, "column": column, "budget": budget},
         batch_size=rows_per_call or load.batch_size * CHUNK_BATCHES,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -260,12 +268,13 @@ def fill_dataset(ds, load: LoadOptions | dict | str | None = None, fill: FillOpt
 
 
 def run(inputs: list[Input], folder: OutputFolder, load: LoadOptions, fill: FillOptions, settings: RayOptions, *,
-        stderr: "Console | None" = None, worker: type = RecordFill) -> Tally:
+        stderr: "Console | None" = None, worker: type = RecordFill, budget: Budget | None = None) -> Tally:
     """Fill every line of `inputs` on Ray into one JSON Lines file per input in `folder`
     (whose `plan` said what is done already); returns the tally of this run's lines. Uses
     the Ray this process is already connected to, if any; else connects to
     `settings.address`, or starts a local Ray (and stops it at the end). `worker` is the
-    actor class (RecordFill; tests pass a subclass). Ctrl-C keeps the file being written
+    actor class (RecordFill; tests pass a subclass), `budget` what each line may cost
+    (default Budget()). Ctrl-C keeps the file being written
     (for --resume) and says so on `stderr`; any other failure removes it."""
     ray = require_ray()
     writer = Writer(folder, inputs)
@@ -275,7 +284,7 @@ def run(inputs: list[Input], folder: OutputFolder, load: LoadOptions, fill: Fill
         try:
             refs = [ray.put(_chunk_table(inputs, *c)) for c in read_chunks(inputs, load.batch_size * CHUNK_BATCHES)]
             if refs:
-                ds, refs = _dataset(ray, refs, worker, load, fill, settings, started=session.started), None
+                ds, refs = _dataset(ray, refs, worker, load, fill, settings, started=session.started, budget=budget), None
                 total = sum(item.lines - item.skip for item in inputs if not item.done)
                 _drain(ds, writer, ProgressBar(stderr if stderr is not None and can_redraw(stderr) else None, total))
             writer.finish()
@@ -300,7 +309,7 @@ def _chunk_table(inputs: list[Input], file: int, first: int, lines: list):
 
 
 def _dataset(ray, refs: list, worker: type, load: LoadOptions, fill: FillOptions, settings: RayOptions, *,
-             started: bool):
+             started: bool, budget: Budget | None = None):
     """The chunks of `refs` through a pool of `worker` actors, in order."""
     import ray.data
 
@@ -317,7 +326,7 @@ def _dataset(ray, refs: list, worker: type, load: LoadOptions, fill: FillOptions
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // settings.actors) if whole else 1
     return ray.data.from_arrow_refs(refs).map_batches(
         worker,
-        fn_constructor_kwargs={"load": load, "fill": fill},
+        fn_constructor_kwargs={"load": load, "fill": fill, "budget": budget},
         batch_size=1,  # a row is a chunk: one fill_many call, as in batch mode (Ray wants a size with GPUs)
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=settings.actors),

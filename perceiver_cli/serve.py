@@ -129,12 +129,17 @@ async def read_json(request: Request, limit: int, timeout: float | None = None) 
         raise HTTPException(400, f"request body is not valid JSON: {e}") from None
 
 
-def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None = None) -> Starlette:
+def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None = None,
+              budget: Budget | None = None) -> Starlette:
     """The ASGI app serving `filler` (a loaded MaskFiller); `app.state.batcher` its batcher.
-    `log(line)` takes the access log's lines (with `options.access_log`)."""
-    static_info = describe(filler, options)
+    `log(line)` takes the access log's lines (with `options.access_log`). `budget` is what
+    one text may cost, estimated before any work (`perceiver serve --max-search`, ...; by
+    default Budget's), its `max_inputs` always the server's `--max-inputs` (also counted per
+    request) and its `max_answer_mb` also the bound on a whole /v1/fill answer."""
+    budget = (budget or Budget()).replace(max_inputs=options.max_inputs)
+    max_answer = budget.max_answer_mb << 20
+    static_info = describe(filler, options, budget)
     metrics = Metrics(static_info, lambda: batcher.waiting)
-    budget = Budget(max_inputs=options.max_inputs)  # what one text may take, estimated before any work
     batcher = Batcher(_compute(filler, budget), key=lambda job: "fill-mask" if isinstance(job, HFJob) else job.options,
                       max_batch=options.max_batch, batch_wait=options.batch_wait_ms / 1000,
                       queue_size=options.queue_size, max_inputs=options.max_inputs, observe=_observer(metrics))
@@ -154,7 +159,7 @@ def build_app(filler, options: ServeOptions, log: Callable[[str], None] | None =
 
     async def fill(request: Request) -> Response:
         job = fill_job(await read_json(request, options.max_body, options.body_timeout_s))
-        await run_in_threadpool(check_answer_size, job)  # before any work (a large body takes a while)
+        await run_in_threadpool(check_answer_size, job, max_answer)  # before any work (a large body takes a while)
         results = await batcher.submit(job, len(job.texts), lambda: _disconnected(request), tag=current())
         if job.single:
             if isinstance(results[0], Exception):
@@ -328,8 +333,8 @@ def _open(scope) -> bool:
     return scope.get("path") in ("/health", "/metrics") or page.is_open(scope)
 
 
-def describe(filler, options: ServeOptions) -> dict:
-    """What GET /info says about the model and the server."""
+def describe(filler, options: ServeOptions, budget: Budget | None = None) -> dict:
+    """What GET /info says about the model and the server (with `budget`: its work budget)."""
     resolved = filler.resolved
     load = filler.load_options
     if resolved is not None and resolved.repo_id is not None:
@@ -359,6 +364,7 @@ def describe(filler, options: ServeOptions) -> dict:
         "body_timeout_s": options.body_timeout_s,
         "max_body": options.max_body,
         "auth": options.api_key is not None,
+        **({"budget": budget.to_dict()} if budget is not None else {}),
     }
 
 
@@ -392,13 +398,14 @@ def url_of(sock: socket.socket) -> str:
 
 
 def run(filler, options: ServeOptions, *, announce: Callable[[str], None] | None = None,
-        log: Callable[[str], None] | None = None) -> None:
+        log: Callable[[str], None] | None = None, budget: Budget | None = None) -> None:
     """Serve `filler` in the foreground until SIGTERM or Ctrl-C: then stop accepting,
     answer the requests in flight, and return. Call from the main thread. One forward pass
-    warms the model up before `announce`; `log` takes the access log's lines."""
+    warms the model up before `announce`; `log` takes the access log's lines; `budget` is
+    build_app's."""
     import uvicorn
 
-    app = build_app(filler, options, log)
+    app = build_app(filler, options, log, budget)
     batcher = app.state.batcher
     sock = listen(options.host, options.port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",

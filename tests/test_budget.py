@@ -192,6 +192,26 @@ def test_a_text_over_budget_fails_alone_and_names_its_knob(tiny_checkpoint):
         filler.fill(texts[1], top_k=4)
 
 
+def test_over_budget_on_the_command_line_names_flags_and_in_python_fields():
+    cost = budget.estimate(masks.parse("a [MASK:40] b"), FillOptions(top_k=4, iterative_passes=None), 2046)
+    with pytest.raises(OverBudget) as caught:
+        budget.check(cost, Budget(max_inputs=50))
+    e = caught.value
+    assert str(e) == ("the fill would take about 157 model inputs, over the budget's 50 (max_inputs): ask for a smaller "
+                      "top_k or beam_width, fewer iterative_passes (or strategy oneshot)")
+    assert e.flag() == ("the fill would take about 157 model inputs, over the budget's 50 (--max-inputs): ask for a "
+                        "smaller --top-k or beam_width, fewer iterative_passes (or --strategy oneshot), or raise "
+                        "--max-inputs; beam_width, iterative_passes: no command-line flag (Python's FillOptions and "
+                        "/v1/fill only)")
+    flagged = budget.as_flags([e, None])
+    assert str(flagged[0]) == e.flag() and isinstance(flagged[0], OverBudget) and flagged[1] is None
+    cost = budget.estimate(masks.parse("[MASK:2000]" * 300), FillOptions(strategy="oneshot", explain=True), 2046)
+    with pytest.raises(OverBudget) as caught:
+        budget.check(cost, Budget(max_memory_mb=100_000))
+    assert caught.value.flag().endswith("(--max-answer-mb): ask for --explain off, or fewer masked bytes per text, "
+                                        "or raise --max-answer-mb")
+
+
 def test_answer_size_is_bounded():
     cost = budget.estimate(masks.parse("[MASK:2000]" * 300), FillOptions(strategy="oneshot", explain=True), 2046)
     with pytest.raises(OverBudget, match=r"\(max_answer_mb\): ask for explain off"):

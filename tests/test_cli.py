@@ -810,3 +810,79 @@ def test_readme_states_the_small_model_size_as_info_does():
     assert result.exit_code == 0, result.stderr
     size = re.search(r"^size:\s+(\S+ MB)", result.stdout, re.M).group(1)
     assert f"`tests/assets/perceiver-small`, 1.5M parameters, {size}" in README
+
+
+# -- the work budget (README: Limits) -------------------------------------------------------
+
+
+def test_a_text_over_the_budget_is_exit_2_naming_the_flag_and_raising_it_fills():
+    from .conftest import SMALL
+
+    text = "The capital of France is [MASK]."  # a probe, 2 scored lengths, 2 passes: 5 model inputs
+    over = CliRunner().invoke(app, ["fill", "-m", str(SMALL), "--max-inputs", "4", text], prog_name="perceiver")
+    assert over.exit_code == 2 and over.stdout == ""
+    assert_one_error_line(over, "the fill would take about 5 model inputs, over the budget's 4 (--max-inputs): ask for ")
+    assert over.stderr.rstrip().split(": ask for ", 1)[1].count("raise --max-inputs") == 1
+    assert "max_inputs" not in over.stderr  # the flags a user can turn, not the library's field names
+    raised = CliRunner().invoke(app, ["fill", "-m", str(SMALL), "--max-inputs", "5", text], prog_name="perceiver")
+    assert raised.exit_code == 0 and raised.stdout.startswith("The capital of France is")
+
+
+def test_a_batch_line_over_the_budget_is_its_error_and_the_others_are_filled(tmp_path):
+    from .conftest import SMALL
+
+    source = tmp_path / "in.txt"
+    source.write_text("Hello [MASK:3] world.\nA [MASK] B [MASK] C [MASK] D.\nx [MASK:1] y\n")  # 2, 9 and 1 inputs
+    result = CliRunner().invoke(app, ["fill", "-m", str(SMALL), "--max-inputs", "4", "--batch", str(source), "--json"],
+                                prog_name="perceiver")
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3] and "text" in records[0] and "text" in records[2]
+    error = records[1]["error"]
+    assert error.startswith("the fill would take about 9 model inputs, over the budget's 4 (--max-inputs): ")
+    assert "a smaller --max-span" in error and "raise --max-inputs" in error
+    assert "length_candidates: no command-line flag" in error  # an option the command line does not offer
+    assert "2 filled, 1 failed" in result.stderr
+
+
+def test_help_shows_the_budget_and_its_defaults_on_every_command_that_fills():
+    from dataclasses import fields
+
+    from perceiver_cli.options import Budget, ServeOptions
+
+    for command in ("fill", "ray-fill", "serve"):
+        entries = help_entries(command)
+        for f in fields(Budget):
+            flag = "--" + f.name.replace("_", "-")
+            default = ServeOptions.max_inputs if command == "serve" and f.name == "max_inputs" else f.default
+            assert f"default: {default}]" in entries[flag], (command, flag, entries[flag])
+    fill, ray, serve = help_entries("fill"), help_entries("ray-fill"), help_entries("serve")
+    budget = ["--max-inputs", "--max-search", "--max-memory-mb", "--max-answer-mb"]
+    assert [fill[flag] for flag in budget] == [ray[flag] for flag in budget]  # one declaration
+    assert [fill[flag] for flag in budget[1:]] == [serve[flag] for flag in budget[1:]]
+    assert "each of its texts" in serve["--max-inputs"]  # the server's: per request, and each text held to it
+
+
+def test_every_fill_option_is_a_flag_or_said_to_have_none():
+    from dataclasses import fields
+
+    from perceiver_cli.options import NO_FLAG, FillOptions, flag_of
+
+    entries = help_entries("fill")
+    for f in fields(FillOptions):
+        assert (flag_of(f.name) in entries) == (f.name not in NO_FLAG), f.name
+
+
+def test_readme_limits_and_security_list_every_budget_its_default_and_flag():
+    from dataclasses import fields
+
+    from perceiver_cli.options import Budget, ServeOptions
+
+    limits = README.split("### Limits", 1)[1].split("\n## ", 1)[0]
+    security = README.split("**Security.**", 1)[1].split("\n\n", 1)[0]
+    for f in fields(Budget):
+        flag = "--" + f.name.replace("_", "-")
+        row = next(line for line in limits.splitlines() if line.startswith(f"| `{flag}` (`{f.name}`) |"))
+        assert f"| {f.default:,}" in row, row
+        assert f"`{flag}`" in security, flag
+    assert f"{ServeOptions.max_inputs:,}" in security and "over the budget's 4 (--max-inputs)" in limits

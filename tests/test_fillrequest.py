@@ -51,3 +51,14 @@ def test_an_answer_over_the_cap_is_refused_naming_what_to_ask_for():
         check_answer_size(job)
     assert "fewer texts" in str(e.value) and "top_k" in str(e.value) and "explain off" in str(e.value)
     check_answer_size(fill_job({"texts": ["[MASK:60]"] * 20_000}))  # the same texts, plainly: fine
+
+
+def test_the_answer_cap_is_the_budgets_max_answer_mb():
+    from perceiver_cli.options import Budget
+
+    assert MAX_FILL_ANSWER == Budget.max_answer_mb << 20  # one rule: the default, and the server's --max-answer-mb
+    job = fill_job({"texts": ["[MASK:60]"] * 100, "options": {"explain": True}})
+    assert 1 << 20 < answer_bytes(job) < MAX_FILL_ANSWER
+    check_answer_size(job)
+    with pytest.raises(InputError, match=r"over the 1 MiB a /v1/fill answer may take \(perceiver serve --max-answer-mb\)"):
+        check_answer_size(job, Budget(max_answer_mb=1).max_answer_mb << 20)

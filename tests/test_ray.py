@@ -379,16 +379,31 @@ def test_while_a_run_lasts_rays_prints_go_to_its_log(cluster, capfd):
     assert not os.path.exists(session.log)
 
 
+def ray_fill_as_batch(cluster: str, checkpoint: Path, tmp_path: Path, source: Path, *args: str) -> tuple[int, list]:
+    """`ray-fill SOURCE ARGS` on the cluster, its output checked against `fill --batch
+    --json ARGS`: its exit status and records."""
+    proc = subprocess.run(perceiver("ray-fill", str(source), "-o", str(tmp_path / "out"), "--address", cluster,
+                                    "-m", str(checkpoint), "--batch-size", BATCH, *args),
+                          capture_output=True, env=process_env(tmp_path), timeout=300)
+    assert proc.returncode in (0, 1), proc.stderr
+    outputs = read_output(tmp_path / "out")
+    check_against_batch(checkpoint, outputs, [(str(source), source)], *args)
+    return proc.returncode, outputs[f"00001-{source.name}.jsonl"]
+
+
 def test_choices_as_in_fill_batch(cluster, tiny_checkpoint, tmp_path):
     source = write(tmp_path / "in.txt", "".join(f"the {w} [MASK] sat on it\n" for w in ("cat", "dog", "bird")).encode())
     choices = ("--choice", "mat", "--choice", "dog", "--choice", "hat")
-    proc = subprocess.run(perceiver("ray-fill", str(source), "-o", str(tmp_path / "out"), "--address", cluster,
-                                    "-m", str(tiny_checkpoint), "--batch-size", BATCH, *choices),
-                          capture_output=True, env=process_env(tmp_path), timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    outputs = read_output(tmp_path / "out")
-    check_against_batch(tiny_checkpoint, outputs, [(str(source), source)], *choices)
-    assert {r["spans"][0]["fill"].strip() for r in outputs["00001-in.txt.jsonl"]} <= {"mat", "dog", "hat"}
+    code, records = ray_fill_as_batch(cluster, tiny_checkpoint, tmp_path, source, *choices)
+    assert code == 0
+    assert {r["spans"][0]["fill"].strip() for r in records} <= {"mat", "dog", "hat"}
+
+
+def test_the_budget_flags_as_in_fill_batch(cluster, tiny_checkpoint, tmp_path):
+    source = write(tmp_path / "in.txt", b"Hello [MASK:3] world.\nA [MASK] B [MASK] C [MASK] D.\nx [MASK:1] y\n")
+    budget = ("--max-inputs", "4", "--max-search", "100")  # the second line takes 9 model inputs
+    code, records = ray_fill_as_batch(cluster, tiny_checkpoint, tmp_path, source, *budget)
+    assert code == 1 and "over the budget's 4 (--max-inputs)" in records[1]["error"]
 
 
 # -- --resume: runs stopped at several points ------------------------------------------------------
@@ -533,3 +548,17 @@ def test_fill_dataset_and_the_callable_class(cluster, tiny_checkpoint):
     assert batch.column("error")[2].as_py().startswith("no [MASK] marker")
     with pytest.raises(TypeError, match="batch_format=\"pyarrow\""):
         rf.MaskFill(load)({"text": texts[:1]})
+
+
+def test_the_actors_hold_each_line_to_the_runs_budget_and_name_its_flag(tiny_checkpoint):
+    from perceiver_cli.options import Budget
+
+    lines = [b"Hello [MASK:3] world.", b"A [MASK] B [MASK] C [MASK] D.", b"x [MASK:1] y"]  # 2, 9 and 1 model inputs
+    actor = rf.RecordFill(LoadOptions(model=str(tiny_checkpoint), device="cpu"), FillOptions(), budget=Budget(max_inputs=4))
+    chunk = actor._chunk(file=0, name=b"in.txt", first=1, skip=0, lines=lines)  # what an actor returns, without Ray
+    records = [json.loads(r) for r in chunk["records"]]
+    assert (chunk["filled"], chunk["failed"], chunk["fatal"]) == (2, 1, None)
+    assert "text" in records[0] and "text" in records[2]
+    assert records[1]["error"].startswith("the fill would take about 9 model inputs, over the budget's 4 (--max-inputs)")
+    python = rf.MaskFill(str(tiny_checkpoint), column="text", budget={"max_inputs": 4})  # fill_dataset's: field names
+    assert "(max_inputs)" in str(python.outcomes(lines[1:2])[0].result)

@@ -419,6 +419,25 @@ def test_a_request_over_the_model_input_limit_is_refused_and_others_go_on(tiny_c
         assert server.stop() == 0
 
 
+def test_the_budget_flags_bound_each_text_and_the_answer(tiny_checkpoint, tmp_path):
+    server = Server(tiny_checkpoint, tmp_path, "--max-search", "1", "--max-answer-mb", "1")
+    try:
+        assert server.request("GET", "/info")[3]["budget"] == {"max_inputs": 10_000, "max_search": 1,
+                                                              "max_memory_mb": 2_048, "max_answer_mb": 1}
+        assert server.request("POST", "/v1/fill", {"text": "a [MASK:40] b"})[0] == 200
+        wide = {"text": "a [MASK:40] b", "options": {"iterative_passes": None, "top_k": 4}}  # ~1.6 million scores
+        status, _, _, answer = server.request("POST", "/v1/fill", wide)
+        assert status == 400 and "million scores of search, over the budget's 1 (max_search)" in answer["error"]
+        assert "top_k" in answer["error"]  # a client's words: the field names it sends
+        big = {"texts": ["[MASK:60]"] * 100, "options": {"explain": True}}  # ~1.3 MB of answer, a 1 KB body
+        status, _, _, answer = server.request("POST", "/v1/fill", big)
+        assert status == 400 and "over the 1 MiB a /v1/fill answer may take (perceiver serve --max-answer-mb)" \
+            in answer["error"]
+        assert server.request("POST", "/v1/fill", {**big, "texts": big["texts"][:10]})[0] == 200
+    finally:
+        assert server.stop() == 0
+
+
 def test_a_body_that_does_not_arrive_in_time_is_408(tiny_checkpoint, tmp_path):
     server = Server(tiny_checkpoint, tmp_path, "--body-timeout-s", "1")
     try:
