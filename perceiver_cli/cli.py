@@ -72,7 +72,7 @@ ModelOpt = typer.Option(LoadOptions.model, "--model", "-m", envvar=MODEL_ENV, he
 RevisionOpt = typer.Option(LoadOptions.revision, "--revision", help="Hub branch, tag or commit.")
 OfflineOpt = typer.Option(LoadOptions.offline, "--offline", help="Never use the network: the cache or a local directory only.")
 DeviceOpt = typer.Option(LoadOptions.device, "--device", help="auto, cpu, cuda (cuda:N) or mps.", autocompletion=_completer(DEVICES))
-DtypeOpt = typer.Option(LoadOptions.dtype, "--dtype", help="auto (float16 on CUDA, else float32: exact), float32, bfloat16 or float16.",
+DtypeOpt = typer.Option(LoadOptions.dtype, "--dtype", help="auto (float16 on CUDA, else float32: exact), float32, bfloat16 (on a CPU: mixed, the big products in bfloat16) or float16.",
                         autocompletion=_completer(DTYPES))
 QuantizeOpt = typer.Option(LoadOptions.quantize, "--quantize", help="int8: faster CPU matrix products, fills close to fp32's (none: exact).",
                            autocompletion=_completer(QUANTIZE))

@@ -56,10 +56,21 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     fills on 98.5%, in bfloat16 on 87.0% (8 bits of mantissa against 10;
     `scripts/int8_agreement.py --variant`). float16's narrower range is guarded: a pass
     whose logits come out non-finite is an error that names `--dtype float32`.
+
+    bfloat16 on the CPU is the mixed mode (`is_mixed`, precision.py): the model stays
+    float32 and its big matrix products run in bfloat16.
     """
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def is_mixed(dtype: torch.dtype, device: torch.device) -> bool:
+    """bfloat16 on the CPU: float32 weights and arithmetic but the latent layers' big matrix
+    products, in bfloat16 (precision.py). Whole-model bfloat16 changed 8-12% of the small
+    model's fills, the mixed mode 1-2% (QUALITY.md, "Mixed precision"); on a GPU bfloat16
+    is the whole model."""
+    return dtype == torch.bfloat16 and device.type == "cpu"
 
 
 def pick_device(name: str) -> torch.device:
@@ -176,8 +187,16 @@ class MaskFiller:
         options = (options or LoadOptions()).replace(**changes)
         device = pick_device(options.device)
         resolved = resolve(options.model, options.revision, offline=options.offline, progress=progress)
-        net = load_model(resolved.directory, device=device, dtype=pick_dtype(options.dtype, device))
+        dtype = pick_dtype(options.dtype, device)
+        mixed = is_mixed(dtype, device)
+        net = load_model(resolved.directory, device=device, dtype=torch.float32 if mixed else dtype)
         notes = []
+        if mixed:
+            from . import precision
+
+            precision.to_mixed(net)
+            if precision.native_bf16() is False:
+                notes.append(precision.EMULATED_NOTE)
         if options.quantize == "int8":
             from .quantize import quantize_int8
 

@@ -8,8 +8,10 @@ products run about 3x faster than fp32. The rest stays fp32: on the small traine
 (scripts/int8_agreement.py) quantizing every layer changed 24% of the fills, the latent
 layers without q/k 2.5%, and this choice 2.0%. The queries and keys (whose products go
 through a softmax), the attention outputs and both cross-attentions are the sensitive
-ones. Results are close to, not equal to, fp32: `--strategy oneshot` parity with the
-reference holds for fp32 only.
+ones. On the small model shipped since (its fourth stage) this choice changes 6-9% of the
+fills, and `--dtype bfloat16` on a CPU with native bfloat16 is both closer to fp32 and
+faster (precision.py; QUALITY.md, "Mixed precision"). Results are close to, not equal to,
+fp32: `--strategy oneshot` parity with the reference holds for fp32 only.
 
 Quantizing 200M weights takes a while, so the int8 weights are cached once per checkpoint
 file in `cache_dir()` (`$HF_HOME/perceiver/int8/`) and read back memory-mapped on later runs.
