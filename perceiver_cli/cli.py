@@ -498,7 +498,7 @@ def ray_fill(
         rf.require_ray()
         found = corpus.expand_inputs(inputs, output)
         with corpus.OutputFolder(output) as folder:  # locked: a second run on DIR is exit 2 at once
-            folder.plan(found, corpus.run_key(load, options), resume=resume)
+            folder.plan(found, corpus.run_key(load, options, budget), resume=resume)
             stderr = stderr_console()
             tally = rf.run(found, folder, load, options, settings, stderr=stderr, budget=budget)
         notes = ([f"{len(found)} files in {output}"] if stderr.is_terminal else []) + corpus.already(found)

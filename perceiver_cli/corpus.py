@@ -39,7 +39,7 @@ from typing import Iterator
 
 from .batch import LineReader, LineWriter, Tally, open_input, resume_point
 from .errors import InputError, PerceiverError
-from .options import FillOptions, LoadOptions
+from .options import Budget, FillOptions, LoadOptions
 from .results import dumps, json_line
 
 NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, tmpfs)
@@ -188,10 +188,11 @@ def read_chunks(inputs: list[Input], chunk: int) -> Iterator[tuple[int, int, lis
         item.lines = number
 
 
-def run_key(load: LoadOptions, fill: FillOptions) -> dict:
-    """What of a run's options goes into each record (threads and --offline do not)."""
+def run_key(load: LoadOptions, fill: FillOptions, budget: Budget | None = None) -> dict:
+    """What of a run's options goes into each record (threads and --offline do not; the
+    budget does: it decides which lines fail)."""
     kept = {k: v for k, v in load.to_dict().items() if k not in ("threads", "offline")}
-    return {"load": kept, "fill": fill.to_dict()}
+    return {"load": kept, "fill": fill.to_dict(), "budget": (budget or Budget()).to_dict()}
 
 
 def already(inputs: list[Input]) -> list[str]:

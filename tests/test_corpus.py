@@ -16,7 +16,7 @@ from perceiver_cli.batch import Tally
 from perceiver_cli.corpus import (JOURNAL, NAME_MAX, Input, OutputFolder, Writer, expand_inputs, output_name,
                                   read_chunks, run_key)
 from perceiver_cli.errors import InputError, PerceiverError
-from perceiver_cli.options import FillOptions, LoadOptions
+from perceiver_cli.options import Budget, FillOptions, LoadOptions
 
 OPTIONS = run_key(LoadOptions(model="m"), FillOptions())
 
@@ -210,6 +210,7 @@ def test_resume_skips_complete_files_and_continues_the_partial_one(tmp_path):
     assert all((out / n).read_bytes() == (whole / n).read_bytes() for n in names)
     # other options, or an input changed since: those files start over
     assert [i.done for i in fresh(True, run_key(LoadOptions(model="m"), FillOptions(top_k=2)))] == [False] * 3
+    assert [i.done for i in fresh(True, run_key(LoadOptions(model="m"), FillOptions(), Budget(max_inputs=9)))] == [False] * 3
     os.utime(files[0], ns=(1, 1))
     assert [i.done for i in fresh(True)] == [False, True, True]
 
