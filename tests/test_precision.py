@@ -13,6 +13,8 @@ from perceiver_cli.checkpoint import load_model
 from perceiver_cli.filler import MaskFiller, is_mixed, pick_dtype
 from perceiver_cli.precision import BF16Linear, native_bf16, to_mixed
 
+from .conftest import invoke
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ASSETS = Path(__file__).parent / "assets"
@@ -99,6 +101,15 @@ def test_a_cpu_without_native_bfloat16_gets_a_note(tiny_checkpoint, monkeypatch)
     assert any(isinstance(m, BF16Linear) for m in filler.model.modules())  # it still runs, as asked
     plain = MaskFiller.from_pretrained(str(tiny_checkpoint), device="cpu")
     assert plain.notes == []  # float32 is never noted
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_command_line_says_when_bfloat16_is_emulated(tiny_checkpoint, monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    result = invoke(tiny_checkpoint, "--dtype", "bfloat16", "--device", "cpu", "--strategy", "oneshot", "Hello [MASK:3] world")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Hello") and result.stdout.endswith(" world\n") and "[MASK" not in result.stdout
+    assert ("note: this CPU has no native bfloat16 products" in result.stderr) is not native
 
 
 @pytest.mark.parametrize(
