@@ -194,7 +194,7 @@ class MaskFiller:
         if mixed:
             from . import precision
 
-            precision.to_mixed(net)
+            precision.to_mixed(net, weights=resolved.weights)
             if precision.native_bf16() is False:
                 notes.append(precision.EMULATED_NOTE)
         if options.quantize == "int8":

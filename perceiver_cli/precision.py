@@ -66,8 +66,15 @@ GROUPS: dict[str, Callable[[str], bool]] = {
 DEFAULT_GROUPS = ("latent v", "latent o", "latent MLP")
 
 
-def to_mixed(model: nn.Module, groups: tuple[str, ...] = DEFAULT_GROUPS) -> nn.Module:
-    """Replace the linear layers of `groups` in `model` (float32, in place) by BF16Linears."""
+def to_mixed(model: nn.Module, groups: tuple[str, ...] = DEFAULT_GROUPS, weights: Path | None = None) -> nn.Module:
+    """Replace the linear layers of `groups` in `model` (float32, in place) by BF16Linears.
+
+    `weights`: the safetensors file `model` was loaded from (memory-mapped). The weights to
+    convert are then read from it with plain reads, which leave the mapping's pages
+    untouched: the process never holds their float32 copy (a cold fill's peak memory falls
+    from 1.4x float32's to below it). None, or a file that does not match: converted from
+    the tensors in memory.
+    """
     unknown = set(groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"unknown precision groups: {', '.join(sorted(unknown))}")
@@ -75,9 +82,12 @@ def to_mixed(model: nn.Module, groups: tuple[str, ...] = DEFAULT_GROUPS) -> nn.M
         (name, m) for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and any(GROUPS[g](name) for g in groups)
     ]
+    stored = _FileWeights(weights) if weights is not None else None
     for name, linear in chosen:
+        weight = stored.read(f"{name}.weight", linear.weight) if stored is not None else None
+        new = BF16Linear(linear.weight if weight is None else weight, linear.bias)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, BF16Linear.from_linear(linear))
+        setattr(model.get_submodule(parent) if parent else model, child, new)
     # The float32 tensors left are copied out of the memory-mapped checkpoint file (17% of
     # the weights), so that nothing holds its mapping: the process keeps the bfloat16 copies
     # and that 17%, not the file's pages it read to convert.
@@ -86,6 +96,43 @@ def to_mixed(model: nn.Module, groups: tuple[str, ...] = DEFAULT_GROUPS) -> nn.M
             if tensor.dtype != BF16:
                 module.register_parameter(key, nn.Parameter(tensor.detach().clone(), requires_grad=False))
     return model
+
+
+_FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors' names
+
+
+class _FileWeights:
+    """Tensors of a safetensors file read with plain file reads (not through a mapping)."""
+
+    def __init__(self, path: Path):
+        from .layout import safetensors_header
+
+        self.path = Path(path)
+        try:
+            self.header = safetensors_header(self.path)
+            with open(self.path, "rb") as f:
+                self.start = 8 + int.from_bytes(f.read(8), "little")  # the data follow the header
+        except (OSError, ValueError):
+            self.header = {}
+
+    def read(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        """Our parameter `name` as the file holds it, or None when the file's entry does not
+        match `like` (the tensor loaded) in shape, or cannot be read."""
+        from .checkpoint import reference_name
+
+        entry = self.header.get(reference_name(name))
+        if entry is None or entry["dtype"] not in _FILE_DTYPES or tuple(entry["shape"]) != tuple(like.shape):
+            return None
+        start, end = entry["data_offsets"]
+        data = bytearray(end - start)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.start + start)
+                if f.readinto(data) != len(data):
+                    return None
+        except OSError:
+            return None
+        return torch.frombuffer(data, dtype=_FILE_DTYPES[entry["dtype"]]).view(like.shape)
 
 
 # -- does this CPU compute bfloat16 natively? ------------------------------------------------

@@ -53,6 +53,20 @@ def test_the_default_groups_are_the_latent_products_but_queries_and_keys(tiny_ch
         to_mixed(load_model(tiny_checkpoint), ("softmax",))
 
 
+def test_weights_read_from_the_file_equal_those_converted_in_memory(tiny_checkpoint, tmp_path):
+    from perceiver_cli.checkpoint import weights_file
+
+    ids = torch.randint(6, 262, (2, 30), generator=torch.Generator().manual_seed(0))
+    in_memory = to_mixed(load_model(tiny_checkpoint))
+    from_file = to_mixed(load_model(tiny_checkpoint), weights=weights_file(tiny_checkpoint))
+    for (name, a), (_, b) in zip(in_memory.named_parameters(), from_file.named_parameters()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    not_it = tmp_path / "model.safetensors"
+    not_it.write_bytes(b"not a safetensors file")  # unreadable: converted in memory instead
+    with torch.no_grad():
+        assert torch.equal(to_mixed(load_model(tiny_checkpoint), weights=not_it)(ids), in_memory(ids))
+
+
 def _cases() -> list[tuple[str, bytes]]:
     lines = (ASSETS / "eval" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:CASES]
     cases = [json.loads(line) for line in lines]
