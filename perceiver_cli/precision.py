@@ -1,12 +1,14 @@
 """Mixed precision on the CPU (`--dtype bfloat16` on a CPU): bfloat16 products, float32 the rest.
 
 The big matrix products run in bfloat16 (8 bits of mantissa; oneDNN multiplies and
-accumulates in float32, AMX or AVX512-BF16 do it at 2-6x the float32 rate); everything
-that is sensitive stays float32: LayerNorm, the softmax, GELU, the residual stream, the
-logits and their log-softmax. Each `BF16Linear` keeps its weight once, in bfloat16 (half
-the memory of float32), and returns float32: its input is rounded to bfloat16, its output
-is the product plus a float32 bias. The float32 checkpoint stays the source: the weights
-are converted when the model is loaded (no other file).
+accumulates in float32: AVX512-BF16 about 2x the float32 rate, AMX 4.8x on our machine);
+everything that is sensitive stays float32: LayerNorm, the softmax, GELU, the residual
+stream, the attention products, the logits and their log-softmax. Each `BF16Linear` keeps
+its weight once, in bfloat16 (half the memory of float32), and returns float32: its input
+is rounded to bfloat16, the product (rounded to bfloat16 by oneDNN, which has no float32
+output for bfloat16 inputs on the CPU) is widened and the float32 bias added. The float32
+checkpoint stays the source: the weights are converted when the model is loaded (no
+other file).
 
 Which products, decided group by group on the small trained model's 400 test cases and on
 full-size weights (`scripts/precision_study.py`; QUALITY.md, "Mixed precision"): the value,
