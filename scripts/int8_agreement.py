@@ -4,8 +4,9 @@
                                      [--cases tests/assets/eval/test.jsonl]
                                      [--variant int8|bfloat16|float16]
 
-`--variant bfloat16` / `float16` compares those weight dtypes (what `--device cuda` may
-run) with fp32 instead, here on the CPU.
+`--variant bfloat16` / `float16` compares those weight dtypes for the whole model (what
+`--device cuda` may run) with fp32 instead, here on the CPU. The CPU's `--dtype bfloat16`
+(the mixed mode) and every group of layers in bfloat16 or int8: scripts/precision_study.py.
 
 For every evaluation case (one masked word per sentence), the fill with int8 matrix
 products is compared with the fp32 fill, for `oneshot` and the default strategy at the
