@@ -366,7 +366,7 @@ def serve(
         about = describe(filler, settings)
 
         def announce(url: str) -> None:
-            quantized = ", int8" if about["quantize"] == "int8" else ""
+            quantized = (" mixed" if about["mixed"] else "") + (", int8" if about["quantize"] == "int8" else "")
             say(f"serving {about['model']} on {url} ({about['device']}, {about['dtype']}{quantized}; "
                 f"{'API key required' if settings.api_key else 'no API key'}); Ctrl-C stops")
             if not settings.loopback and not settings.api_key:

@@ -166,6 +166,19 @@ class MaskFiller:
     def parameters(self) -> int:
         return self.model.num_parameters()
 
+    @property
+    def mixed(self) -> bool:
+        """Whether the model runs the mixed bfloat16 CPU mode (`is_mixed`, precision.py)."""
+        from .precision import BF16Linear
+
+        return any(isinstance(m, BF16Linear) for m in self.model.modules())
+
+    @property
+    def dtype(self) -> str:
+        """What `--dtype` the model runs: float32, float16, or bfloat16 (with `mixed`, the CPU
+        mode whose big products alone are bfloat16)."""
+        return "bfloat16" if self.mixed else str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
     @classmethod
     def from_pretrained(cls, options: LoadOptions | str | None = None, *, progress: bool = False, **changes) -> "MaskFiller":
         """Load a local checkpoint directory or a Hub repo id (downloaded once, then cached).

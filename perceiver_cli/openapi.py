@@ -124,7 +124,7 @@ def schemas() -> dict:
                                 "is the answer's X-Request-ID")
     info = _object({
         "model": {"type": ["string", "null"]}, "revision": {"type": ["string", "null"]},
-        "commit": {"type": ["string", "null"]}, "device": STRING, "dtype": STRING, "quantize": STRING,
+        "commit": {"type": ["string", "null"]}, "device": STRING, "dtype": STRING, "mixed": {"type": "boolean"}, "quantize": STRING,
         "parameters": INTEGER, "version": STRING, "max_position_embeddings": INTEGER, "vocab_size": INTEGER,
         "mask_token": STRING, "batch_size": INTEGER, "max_batch": INTEGER, "batch_wait_ms": NUMBER,
         "queue_size": INTEGER, "max_inputs": INTEGER, "body_timeout_s": NUMBER, "max_body": INTEGER,

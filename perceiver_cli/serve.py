@@ -343,13 +343,13 @@ def describe(filler, options: ServeOptions, budget: Budget | None = None) -> dic
         directory = getattr(resolved, "directory", None)
         model, revision, commit = (str(directory) if directory is not None else None), None, None
     cfg = filler.model.cfg
-    dtype = next(filler.model.parameters()).dtype
     return {
         "model": model,
         "revision": revision,
         "commit": commit,
         "device": str(filler.device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": filler.dtype,
+        "mixed": filler.mixed,  # bfloat16 on the CPU: only the big products in bfloat16
         "quantize": getattr(load, "quantize", "none"),
         "parameters": filler.parameters,
         "version": __version__,

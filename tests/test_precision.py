@@ -148,3 +148,23 @@ def test_only_the_cpu_gets_the_mixed_mode():
     assert not is_mixed(pick_dtype("bfloat16", cuda), cuda)  # a GPU runs the whole model in bfloat16
     assert not is_mixed(pick_dtype("bfloat16", mps), mps)
     assert not is_mixed(pick_dtype("auto", cpu), cpu) and pick_dtype("auto", cpu) == torch.float32
+
+
+def test_the_server_says_the_mode_is_mixed(tmp_path):
+    """`/info` and the serving line name the mixed mode, not the float32 that most of the
+    model's parameters still are."""
+    from .serving import Server
+
+    server = Server(SMALL, tmp_path, "--dtype", "bfloat16", "--no-access-log")
+    try:
+        info = server.request("GET", "/info")[3]
+        assert (info["dtype"], info["mixed"]) == ("bfloat16", True)
+        assert "(cpu, bfloat16 mixed;" in server.first_line
+    finally:
+        server.stop()
+    plain = Server(SMALL, tmp_path, "--no-access-log")
+    try:
+        info = plain.request("GET", "/info")[3]
+        assert (info["dtype"], info["mixed"]) == ("float32", False)
+    finally:
+        plain.stop()

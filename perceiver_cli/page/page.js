@@ -70,7 +70,7 @@ function askKey(why) {
 async function showModel() {
   try {
     const info = await call("GET", "/info");
-    const quantized = info.quantize && info.quantize !== "none" ? ", " + info.quantize : "";
+    const quantized = (info.mixed ? " mixed" : "") + (info.quantize && info.quantize !== "none" ? ", " + info.quantize : "");
     $("model").textContent = `model: ${info.model} (${info.device}, ${info.dtype}${quantized})`;
   } catch (e) {
     $("model").textContent = "model: unknown (" + e.message + ")";
