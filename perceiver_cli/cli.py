@@ -1,11 +1,11 @@
 """The `perceiver` command: parse options, read input, call the library, render results.
 
-Every option's default and rule is the options dataclass's (options.py): the commands
-declare each option once (below: the load options shared by every command that loads a
-model, the fill options shared by `fill` and `ray-fill`, the work budget shared by `fill`,
-`ray-fill` and `serve`) and build `LoadOptions`, `FillOptions`, `Budget`, `ServeOptions`
-and `RayOptions` from what was parsed (`_options`). Where
-input comes from, where output goes and how a command ends is console.py's.
+Every option's default and rule is the options dataclass's (options.py): each flag is
+declared once (flags.py: the load options shared by every command that loads a model, the
+fill options shared by `fill` and `ray-fill`, the work budget shared by `fill`, `ray-fill`
+and `serve`), and each command builds `LoadOptions`, `FillOptions`, `Budget`,
+`ServeOptions` and `RayOptions` from what was parsed (`flags.build`). Where input comes
+from, where output goes and how a command ends is console.py's.
 
 torch is imported only by the commands that run the model, so `--help`, `--version` and
 `fill --server` (client.py) start fast. Results go to stdout; everything else to stderr.
@@ -17,7 +17,6 @@ import gc
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +25,10 @@ import typer
 from . import __version__, runtime
 from .console import (Command, OneLineErrors, check_stdout, debug, exit_after, failures, print_fields, read_document, say,
                       stderr_console, stdout_console, write_stdout)
-from .options import (CHOICE_SCORES, DEVICES, DTYPES, LOG_FORMATS, MAX_BATCH_SIZE, MAX_TOP_K, MODEL_ENV, QUANTIZE,
-                      SERVER_ENV, STRATEGIES, Budget, FillOptions, LoadOptions, RayOptions, ServeOptions)
+from .flags import (BatchSizeOpt, ChoiceOpt, ChoiceScoreOpt, DeviceOpt, DtypeOpt, ExplainOpt, MaskTokenOpt, MaxAnswerOpt,
+                    MaxInputsOpt, MaxMemoryOpt, MaxSearchOpt, MaxSpanOpt, ModelOpt, OfflineOpt, QuantizeOpt, RevisionOpt,
+                    StrategyOpt, ThreadsOpt, TopKOpt, build, completer)
+from .options import LOG_FORMATS, MODEL_ENV, SERVER_ENV, Budget, FillOptions, LoadOptions, RayOptions, ServeOptions
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -51,60 +52,6 @@ def main_callback(
                                  help="Show the version and exit."),
 ):
     """Fill masked text with DeepMind's byte-level Perceiver IO language model."""
-
-
-def _completer(values):
-    return lambda incomplete: [v for v in values if v.startswith(incomplete.lower())]
-
-
-def _options(cls, ctx: typer.Context, **fixed):
-    """An options dataclass (`cls`) from the command's parsed parameters of its fields'
-    names, plus `fixed`; a parameter left unset (None) keeps the field's default. The
-    dataclass validates the values (`OptionError`: exit 2)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in ctx.params.items() if k in names and v is not None}, **fixed)
-
-
-# -- the options, each declared once; every default is the dataclass's (options.py) -----
-
-# loading a model: fill, serve, ray-fill, info, download
-ModelOpt = typer.Option(LoadOptions.model, "--model", "-m", envvar=MODEL_ENV, help="Hub repo id or local checkpoint directory.")
-RevisionOpt = typer.Option(LoadOptions.revision, "--revision", help="Hub branch, tag or commit.")
-OfflineOpt = typer.Option(LoadOptions.offline, "--offline", help="Never use the network: the cache or a local directory only.")
-DeviceOpt = typer.Option(LoadOptions.device, "--device", help="auto, cpu, cuda (cuda:N) or mps.", autocompletion=_completer(DEVICES))
-DtypeOpt = typer.Option(LoadOptions.dtype, "--dtype", help="auto (float16 on CUDA, else float32: exact), float32, bfloat16 (on a CPU: mixed, the big products in bfloat16) or float16.",
-                        autocompletion=_completer(DTYPES))
-QuantizeOpt = typer.Option(LoadOptions.quantize, "--quantize", help="int8: faster CPU matrix products, fills close to fp32's (none: exact).",
-                           autocompletion=_completer(QUANTIZE))
-ThreadsOpt = typer.Option(LoadOptions.threads, "--threads", help="torch's CPU threads (default: the CPUs this process may use).")
-BatchSizeOpt = typer.Option(LoadOptions.batch_size, "--batch-size",
-                            help=f"Texts per forward pass (1-{MAX_BATCH_SIZE}); --batch and ray-fill send 4x as many lines at a time.")
-
-# filling: fill, ray-fill (each ray-fill record is the object `fill --batch --json` writes)
-StrategyOpt = typer.Option(FillOptions.strategy, "--strategy", autocompletion=_completer(STRATEGIES),
-                           help="How spans are filled: iterative, beam, or oneshot (one pass: exactly the reference's argmax).")
-TopKOpt = typer.Option(FillOptions.top_k, "--top-k", "-k",
-                       help=f"Candidates per span, at most {MAX_TOP_K} (a table on a terminal; 'candidates' in JSON).")
-MaxSpanOpt = typer.Option(FillOptions.max_span, "--max-span", help="Longest span [MASK] may choose, in bytes.")
-MaskTokenOpt = typer.Option(FillOptions.mask_token, "--mask-token", help="The marker literal.")
-ExplainOpt = typer.Option(FillOptions.explain, "--explain", help="Show each masked byte's top candidates ('alternatives' in JSON).")
-ChoiceOpt = typer.Option(None, "--choice", metavar="WORD",
-                         help="Fill every [MASK] with the best of these words (repeat --choice; any lengths). "
-                              "-k N shows the N best, JSON lists them all with their scores.")
-ChoiceScoreOpt = typer.Option(FillOptions.choice_score, "--choice-score", autocompletion=_completer(CHOICE_SCORES),
-                              help=f"How a --choice is scored: {', '.join(CHOICE_SCORES)} (README: Choices).")
-
-# the work budget, what one text may cost, estimated before any of it is built (budget.py):
-# fill (in-process), ray-fill, serve (whose --max-inputs is its own: ServeOptions'). Over a
-# limit the text is refused (exit 2; its line's error with --batch; a 400), naming the flag.
-MaxInputsOpt = typer.Option(Budget.max_inputs, "--max-inputs",
-                            help="Most model inputs one text may take (a window in one pass: ~1 s each on the full model's CPU).")
-MaxSearchOpt = typer.Option(Budget.max_search, "--max-search",
-                            help="Most scores one text's search may handle outside the passes, in millions (k-best, beams, length scoring).")
-MaxMemoryOpt = typer.Option(Budget.max_memory_mb, "--max-memory-mb",
-                            help="Most memory one text may take at its peak, in MiB, estimated; a batch's texts are filled in groups under it.")
-MaxAnswerOpt = typer.Option(Budget.max_answer_mb, "--max-answer-mb",
-                            help="Largest JSON answer of one text, in MiB, estimated (serve: also of one /v1/fill answer).")
 
 
 def _check_modes(*, text, batch, output, resume, explain, top_k, as_json) -> None:
@@ -246,9 +193,9 @@ def fill(
     """
     with failures():
         _check_modes(text=text, batch=batch, output=output, resume=resume, explain=explain, top_k=top_k, as_json=as_json)
-        options = _options(FillOptions, ctx, single_line=batch is not None and not as_json)
-        load = _options(LoadOptions, ctx)
-        budget = _options(Budget, ctx)
+        options = build(FillOptions, ctx, single_line=batch is not None and not as_json)
+        load = build(LoadOptions, ctx)
+        budget = build(Budget, ctx)
         if batch is not None:
             from . import batch as batch_mode
             from .client import ServerError
@@ -338,7 +285,7 @@ def serve(
     api_key_file: Optional[str] = typer.Option(None, "--api-key-file", metavar="FILE", help="Require `Authorization: Bearer KEY`, KEY the file's first line (or set PERCEIVER_API_KEY)."),
     access_log: bool = typer.Option(ServeOptions.access_log, "--access-log/--no-access-log", help="One line per request on stderr."),
     log_format: str = typer.Option(ServeOptions.log_format, "--log-format", help="The access log's lines: text, or json (one object a line).",
-                                   autocompletion=_completer(LOG_FORMATS)),
+                                   autocompletion=completer(LOG_FORMATS)),
     cors_origins: Optional[list[str]] = typer.Option(None, "--cors-origin", metavar="ORIGIN", help="Let pages of ORIGIN (https://host[:port], or *) call the server; repeatable [default: none]."),
 ):
     """Serve the model over HTTP until Ctrl-C or SIGTERM (then requests in flight are answered).
@@ -357,9 +304,9 @@ def serve(
     with failures():
         from .options import read_api_key
 
-        load = _options(LoadOptions, ctx)
-        settings = _options(ServeOptions, ctx, api_key=read_api_key(api_key_file, os.environ))
-        budget = _options(Budget, ctx)  # its max_inputs is --max-inputs, the server's
+        load = build(LoadOptions, ctx)
+        settings = build(ServeOptions, ctx, api_key=read_api_key(api_key_file, os.environ))
+        budget = build(Budget, ctx)  # its max_inputs is --max-inputs, the server's
         filler = _load_filler(load)
         from .serve import describe, run
 
@@ -398,7 +345,7 @@ def download(
     from .hub import resolve
 
     with failures():  # asks the Hub for the revision's latest commit; the cache if it cannot be reached
-        load = _options(LoadOptions, ctx)
+        load = build(LoadOptions, ctx)
         check_stdout()
         found = resolve(load.model, load.revision, update=True, progress=sys.stderr.isatty())
         if found.repo_id is None:  # a local directory, not fetched: checked as `info` and `fill` load it
@@ -428,7 +375,7 @@ def info(
         from .checkpoint import load_model
         from .filler import pick_device, pick_dtype
 
-        load = _options(LoadOptions, ctx)
+        load = build(LoadOptions, ctx)
         check_stdout()
         where = pick_device(load.device)  # what `fill --device` would use, and its default --dtype
         found = resolve(load.model, load.revision, offline=load.offline, progress=sys.stderr.isatty())
@@ -486,10 +433,10 @@ def ray_fill(
     an unreadable input or no Ray installed (before Ray starts), 130 interrupted.
     """
     with failures():
-        options = _options(FillOptions, ctx)
-        load = _options(LoadOptions, ctx)
-        settings = _options(RayOptions, ctx, quiet_ray=not debug())
-        budget = _options(Budget, ctx)
+        options = build(FillOptions, ctx)
+        load = build(LoadOptions, ctx)
+        settings = build(RayOptions, ctx, quiet_ray=not debug())
+        budget = build(Budget, ctx)
         settings.check_load(load)
         from . import corpus
         from . import ray_fill as rf

@@ -45,7 +45,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 ROUND = 6  # decimals of log-probabilities in JSON
 
@@ -58,6 +58,23 @@ def dumps(obj: Any) -> bytes:
 def json_line(obj: Any) -> bytes:
     """`dumps(obj)` and a newline: one record of a JSON Lines file."""
     return dumps(obj) + b"\n"
+
+
+def encode(obj: Any, depth: int = 4) -> bytes:
+    """`dumps(obj)`, byte for byte, built a piece at a time down to `depth` levels of lists
+    and objects: the encoder holds the GIL through each call, so short calls let the event
+    loop answer other requests (GET /health) while a large answer is encoded."""
+    if depth and isinstance(obj, list) and obj:
+        return encode_list(obj, depth - 1)
+    if depth and isinstance(obj, dict) and obj:
+        return b"{" + b", ".join(dumps(k) + b": " + encode(v, depth - 1) for k, v in obj.items()) + b"}"
+    return dumps(obj)
+
+
+def encode_list(items: Iterable, depth: int = 3) -> bytes:
+    """`encode` of the list of `items`, each encoded as it comes: a generator's items are
+    built one at a time, so a large answer never holds all of its objects at once."""
+    return b"[" + b", ".join(encode(x, depth) for x in items) + b"]"
 
 
 @dataclass

@@ -16,7 +16,7 @@ requests `batcher.py`'s (handed a compute function over the filler and a batchin
 fill-mask requests together, /v1/fill requests with equal options together), fills
 `MaskFiller.fill_many`'s. What it adds: reading bodies within `--max-body-mb` and
 `--body-timeout-s`, the API key, errors and signals. Answers are built and encoded in a
-worker thread, a piece at a time (`encode`), so a large one never stalls the event loop.
+worker thread, a piece at a time (`results.encode`), so a large one never stalls the event loop.
 
 Errors travel as exceptions to Starlette's exception handlers (`build_app`): every bad
 request is a 4xx with a one-line JSON body {"error": "..."} (an option error also names its
@@ -34,7 +34,7 @@ import json
 import signal
 import socket
 from contextlib import asynccontextmanager
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -53,7 +53,7 @@ from .fillmask import HFJob, hf_answer, hf_job
 from .fillrequest import check_answer_size, fill_job, result_json
 from .observe import TIMING_HEADERS, Metrics, Observer, current
 from .options import Budget, OptionError, ServeOptions
-from .results import dumps
+from .results import dumps, encode, encode_list
 
 RETRY_AFTER_S = 1
 DRAIN_LIMIT = 64 << 20  # bytes of an oversized body read (and dropped) so the 413 reaches the client
@@ -66,23 +66,6 @@ def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> R
 async def answer_response(build: Callable[[], bytes]) -> Response:
     """The JSON answer that `build()` builds and encodes, off the event loop."""
     return Response(await run_in_threadpool(build), media_type="application/json")
-
-
-def encode(obj: Any, depth: int = 4) -> bytes:
-    """`dumps(obj)`, byte for byte, built a piece at a time down to `depth` levels of lists
-    and objects: the encoder holds the GIL through each call, so short calls let the event
-    loop answer other requests (GET /health) while a large answer is encoded."""
-    if depth and isinstance(obj, list) and obj:
-        return encode_list(obj, depth - 1)
-    if depth and isinstance(obj, dict) and obj:
-        return b"{" + b", ".join(dumps(k) + b": " + encode(v, depth - 1) for k, v in obj.items()) + b"}"
-    return dumps(obj)
-
-
-def encode_list(items: Iterable, depth: int = 3) -> bytes:
-    """`encode` of the list of `items`, each encoded as it comes: a generator's items are
-    built one at a time, so a large answer never holds all of its objects at once."""
-    return b"[" + b", ".join(encode(x, depth) for x in items) + b"]"
 
 
 def error_response(status: int, message: str, headers: dict | None = None, **extra) -> Response:

@@ -15,6 +15,8 @@ from perceiver_cli.results import (
     SpanResult,
     blank_record,
     dumps,
+    encode,
+    encode_list,
     error_record,
     file_record,
     json_line,
@@ -148,3 +150,12 @@ def test_wire_data_of_another_shape_is_an_error(damage, error):
     damage(wire)
     with pytest.raises(error):
         result_from_wire(wire)
+
+
+def test_answers_are_encoded_as_the_one_encoder_encodes_them():
+    nested = {"a": [1, 2.5, -0.0, 1e-7, None, True], "b\udcff": {"c": [[], {}, [[{"x": "\ud800 \x01 é"}]]]}}
+    for obj in (nested, [nested, nested, []], [], {}, "text", [[{"score": 0.1, "sequence": "[CLS] a"}] * 3] * 2):
+        for depth in (0, 1, 4, 9):
+            assert encode(obj, depth) == dumps(obj)
+        if isinstance(obj, list):
+            assert encode_list(x for x in obj) == dumps(obj)  # items built as they are encoded

@@ -199,18 +199,6 @@ def test_a_fill_answer_too_large_is_refused_before_any_work(tiny_server):
     assert settled_batches(tiny_server) == before
 
 
-def test_answers_are_encoded_as_the_one_encoder_encodes_them():
-    from perceiver_cli.results import dumps
-    from perceiver_cli.serve import encode, encode_list
-
-    nested = {"a": [1, 2.5, -0.0, 1e-7, None, True], "b\udcff": {"c": [[], {}, [[{"x": "\ud800 \x01 é"}]]]}}
-    for obj in (nested, [nested, nested, []], [], {}, "text", [[{"score": 0.1, "sequence": "[CLS] a"}] * 3] * 2):
-        for depth in (0, 1, 4, 9):
-            assert encode(obj, depth) == dumps(obj)
-        if isinstance(obj, list):
-            assert encode_list(x for x in obj) == dumps(obj)  # items built as they are encoded
-
-
 def test_health_answers_at_once_while_a_large_answer_is_built_and_encoded(tiny_checkpoint, tmp_path):
     server = Server(tiny_checkpoint, tmp_path)
     try:
