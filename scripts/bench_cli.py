@@ -124,9 +124,9 @@ def main() -> None:
     }
     if args.device != "cpu":
         del cases["perceiver fill --quantize int8"]
-    envs = {name: env for name in cases}
+    envs = {name: {**env, "PYTHONPATH": str(ROOT)} for name in cases}  # this tree's package, wherever it is
     if args.baseline is not None:  # the same commands, the package imported from the baseline tree
-        for name in [n for n in cases if n.startswith("perceiver fill")]:
+        for name in [n for n in cases if n.startswith("perceiver")]:
             cases[f"baseline: {name}"] = cases[name]
             envs[f"baseline: {name}"] = {**env, "PYTHONPATH": str(args.baseline.resolve())}
     for name, cmd in cases.items():  # warm-up: page cache, int8 cache, .pyc files
