@@ -3,6 +3,7 @@ across concurrent requests against the library's own batching.
 
     python scripts/bench_serve.py [--runs 5] [--weights DIR]
     python scripts/bench_serve.py --dry-run     # the small test model, one run: checks the script works
+    python scripts/bench_serve.py --modes       # (d)'s warm server throughput per CPU mode instead
 
 On full-size random weights in the reference layout (bench_cli's: a Hugging Face cache of
 its own, offline, holding them as `deepmind/language-perceiver`, so every side loads the
@@ -22,6 +23,11 @@ model by its repo id), in one run, CPU, fp32, every process with torch's default
 --runs. The fills of (b) and (c), and of both sides of (d), must be identical. Prints a
 markdown table with the ratios and their targets: (c) <= 0.25x (a); (d) server <= 1.2x
 in-process.
+
+`--modes`: (d)'s server side only, for each CPU mode: three warm servers at once
+(float32, `--dtype bfloat16`: the mixed mode, `--quantize int8`), their concurrent rounds
+interleaved; lines per second (median of --runs) and the ratio to float32, and how many of
+the 16 fills equal float32's.
 """
 
 from __future__ import annotations
@@ -75,8 +81,8 @@ for _ in sys.stdin:
 class Server:
     """`perceiver serve` on a free port, started once."""
 
-    def __init__(self, env: dict, model: str):
-        cmd = [sys.executable, "-m", "perceiver_cli", "serve", "-m", model, "--device", "cpu", "--port", "0"]
+    def __init__(self, env: dict, model: str, *flags: str):
+        cmd = [sys.executable, "-m", "perceiver_cli", "serve", "-m", model, "--device", "cpu", "--port", "0", *flags]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         line = b""
@@ -135,6 +141,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "perceiver-bench-full")
     ap.add_argument("--dry-run", action="store_true", help="the small test model, one run: checks the script works")
+    ap.add_argument("--modes", action="store_true", help="warm server throughput per CPU mode (float32, bfloat16, int8)")
     args = ap.parse_args()
     if args.dry_run:
         weights, args.runs = ROOT / "tests" / "assets" / "perceiver-small", 1
@@ -149,6 +156,12 @@ def main() -> None:
     # the small model of --dry-run has 128 positions: the script pads to the text, not to 2048
     script.write_text(MODEL_CARD.replace('padding="max_length"', 'padding="longest"') if args.dry_run else MODEL_CARD)
     lines = make_lines(16)
+    if args.modes:
+        try:
+            modes(env, lines, args.runs)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        return
 
     server = Server(env, REPO)
     helper = subprocess.Popen([sys.executable, "-c", IN_PROCESS, REPO], env=env, stdin=subprocess.PIPE,
@@ -207,6 +220,31 @@ def main() -> None:
     print(f"| (c') its request alone, from a warm connection (the server's part) | {c_alone:.2f} s | {c_alone / a:.2f}x (a) | |")
     print(f"| (d) 16 lines: 16 requests from 4 concurrent clients | {med['d server']:.2f} s | {med['d server'] / d_in:.2f}x in-process | <= 1.2x |")
     print(f"| (d) 16 lines: one `MaskFiller.fill_many`, warm, in-process | {d_in:.2f} s | 1.00 | |")
+
+
+MODES = {"float32": (), "bfloat16 (mixed)": ("--dtype", "bfloat16"), "int8": ("--quantize", "int8")}
+
+
+def modes(env: dict, lines: list[str], runs: int) -> None:
+    """(d)'s server side for each CPU mode, the modes' rounds interleaved (see the docstring)."""
+    servers = {name: Server(env, REPO, "--no-access-log", *flags) for name, flags in MODES.items()}
+    try:
+        walls: dict[str, list[float]] = {name: [] for name in MODES}
+        fills = {name: concurrent_round(server, lines)[1] for name, server in servers.items()}  # warm-up
+        for _ in range(runs):
+            for name, server in servers.items():
+                walls[name].append(concurrent_round(server, lines)[0])
+    finally:
+        codes = {name: server.stop() for name, server in servers.items()}
+    base = statistics.median(walls["float32"])
+    print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+          f"full-size random weights, {runs} interleaved runs after a warm-up; servers exited {codes}\n")
+    print("| mode | 16 requests, 4 clients (median) | lines/s | vs float32 | fills equal float32's |")
+    print("|---|---|---|---|---|")
+    for name in MODES:
+        wall = statistics.median(walls[name])
+        same = sum(a == b for a, b in zip(fills[name], fills["float32"]))
+        print(f"| {name} | {wall:.2f} s | {len(lines) / wall:.1f} | {base / wall:.2f}x | {same}/{len(lines)} |")
 
 
 if __name__ == "__main__":
