@@ -422,3 +422,18 @@ def test_progress_bar_on_a_terminal_and_quiet_closed_pipe(tiny_checkpoint, tmp_p
     assert b"200 filled, 0 failed" in screen  # and the summary, as stderr is a terminal
     out, err = closed.communicate(timeout=120)
     assert err == b"" and closed.returncode == 141  # `| head -n 1`: the rest meets a closed pipe, silently
+
+
+def test_a_mask_token_that_is_not_utf8_gives_valid_json_lines(tiny_checkpoint, tmp_path):
+    """`--mask-token $'\\xff'` with `--batch --json`: the error record of a line without
+    the marker quotes it, and used to raise UnicodeEncodeError with 0 lines written. Every
+    line now has its record, each valid UTF-8 JSON whose message reads back to the raw byte."""
+    args = [*perceiver("fill", "-m", str(tiny_checkpoint), "--device", "cpu", "--batch", "-", "--json"),
+            b"--mask-token", b"\xff"]
+    proc = run_process(args, tmp_path, stdin=b"a \xff b\nno marker here\n")
+    assert proc.returncode == 1, proc.stderr
+    records = [json.loads(line.decode("utf-8")) for line in proc.stdout.splitlines()]
+    assert [r["line"] for r in records] == [1, 2]
+    assert len(records[0]["spans"]) == 1
+    assert "error" in records[1] and "\udcff" in records[1]["error"]
+    assert records[1]["error"].encode("utf-8", "surrogateescape").startswith(b"no \xff marker")
