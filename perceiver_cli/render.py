@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.cells import cell_len
 from rich.text import Text
 
 if TYPE_CHECKING:  # rendering runs after the model, but importing this module must not load torch
@@ -181,26 +182,31 @@ def filled_and_others(span, i: int) -> tuple[tuple[int, float], list[tuple[int, 
 
 
 def explain(result: FillResult, console: Console) -> None:
-    """Per masked byte: the byte filled there and the most probable other ones."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    table.add_column("span", style="dim", no_wrap=True)
-    table.add_column("byte", justify="right", style="dim")
-    table.add_column("chosen", no_wrap=True)
-    table.add_column("alternatives", no_wrap=True)
+    """Per masked byte: the byte filled there and the most probable other ones. On a
+    narrow terminal the span, byte and chosen columns stay whole and the alternatives
+    shown are the whole ones that fit (most probable first), never one cut short."""
+    rows = []
     for k, span in enumerate(result.spans):
         for i in range(len(span.alternatives)):
-            chosen, rest = filled_and_others(span, i)
-            cell = Text()
-            for b, lp in rest:
-                cell.append(f"{show_byte(b)} ")
-                cell.append(percent(math.exp(lp)), style="dim")
+            (b, lp), rest = filled_and_others(span, i)
+            chosen = Text.assemble(f"{show_byte(b)} ", (percent(math.exp(lp)), confidence_colour(math.exp(lp))))
+            rows.append((_span_label(k, span) if i == 0 else "", str(i + 1), chosen, rest, i == len(span.alternatives) - 1))
+    widths = [max([len(title)] + [cell_len(str(row[c])) for row in rows]) for c, title in enumerate(("span", "byte", "chosen"))]
+    room = console.width - sum(widths) - 2 * len(widths)  # each column is padded by one space a side
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("span", style="dim", no_wrap=True, min_width=widths[0])
+    table.add_column("byte", justify="right", style="dim", no_wrap=True, min_width=widths[1])
+    table.add_column("chosen", no_wrap=True, min_width=widths[2])
+    table.add_column("alternatives", no_wrap=True, overflow="crop")
+    for label, number, chosen, rest, last in rows:
+        cell = Text()
+        for b, lp in rest:
+            piece = f"{show_byte(b)} {percent(math.exp(lp))}"
+            if cell.cell_len + 3 * bool(cell) + cell_len(piece) > room:
+                break
+            if cell:
                 cell.append("   ")
-            cell.rstrip()
-            table.add_row(
-                _span_label(k, span) if i == 0 else "",
-                str(i + 1),
-                Text.assemble(f"{show_byte(chosen[0])} ", (percent(math.exp(chosen[1])), confidence_colour(math.exp(chosen[1])))),
-                cell,
-                end_section=i == len(span.alternatives) - 1,
-            )
+            cell.append(f"{show_byte(b)} ")
+            cell.append(percent(math.exp(lp)), style="dim")
+        table.add_row(label, number, chosen, cell, end_section=last)
     console.print(table)

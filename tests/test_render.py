@@ -25,11 +25,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TOP = [[(32, -0.01), (44, -5.0), (10, -6.0)], [(97, -0.2), (101, -2.5), (111, -3.0)], [(98, -0.3), (100, -1.6), (226, -9.0)]]
 
 
-def table(draw, result: FillResult, *args) -> list[str]:
-    """What `draw(result, console, *args)` shows on an 80-column terminal without colour,
-    line by line (rich pads the cells; the padding at the ends of lines is cut)."""
+def table(draw, result: FillResult, *args, width: int = 80) -> list[str]:
+    """What `draw(result, console, *args)` shows on a terminal `width` columns wide without
+    colour, line by line (rich pads the cells; the padding at the ends of lines is cut)."""
     buf = io.StringIO()
-    draw(result, Console(file=buf, force_terminal=True, color_system=None, width=80), *args)
+    draw(result, Console(file=buf, force_terminal=True, color_system=None, width=width), *args)
     return [line.rstrip() for line in buf.getvalue().splitlines()]
 
 
@@ -61,6 +61,28 @@ def test_explain_shows_the_filled_byte_where_it_is_not_the_best_and_never_repeat
         "          2   'e' 8.2%    'a' 81.9%   'o' 5.0%",
         "          3   'q' 0.1%    'b' 74.1%   'd' 20.2%",
     ]
+
+
+def test_explain_on_a_narrow_terminal_keeps_every_number_whole():
+    # 60, 40 and 30 columns: the chosen byte's probability is never cut ("99…"); the
+    # alternatives shown are the most probable whole ones that fit, in their order
+    result = span_of(b" ab", [-0.01, -0.2, -0.3])
+    assert table(render.explain, result, width=40)[2:] == [
+        "1 @4      1   ' ' 99.0%   ',' 0.7%",
+        "          2   'a' 81.9%   'e' 8.2%",
+        "          3   'b' 74.1%   'd' 20.2%",
+    ]
+    assert table(render.explain, result, width=30)[2:] == [
+        "1 @4      1   ' ' 99.0%",
+        "          2   'a' 81.9%",
+        "          3   'b' 74.1%",
+    ]
+    wide = table(render.explain, result)
+    for width in (60, 40, 30):
+        lines = table(render.explain, result, width=width)
+        assert all("…" not in line and len(line) <= width for line in lines)
+        for narrow, full in zip(lines[2:], wide[2:]):
+            assert full.startswith(narrow)
 
 
 def test_filled_and_others_takes_the_fill_and_as_many_others_as_beside_the_best():
