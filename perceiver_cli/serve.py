@@ -211,8 +211,8 @@ def _error_handlers(options: ServeOptions) -> dict:
     """Starlette's exception handlers: every error a one-line JSON answer with its status."""
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        message = {404: f"no such endpoint: {request.url.path} (the endpoints are GET /health, GET /info, "
-                        "POST /, POST /v1/fill)",
+        routes = [f"{m} {r.path}" for r in request.app.routes for m in sorted(getattr(r, "methods", None) or ()) if m != "HEAD"]
+        message = {404: f"no such endpoint: {request.url.path} (the endpoints are {', '.join(routes)})",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
         return error_response(exc.status_code, message, exc.headers)
 

@@ -153,7 +153,8 @@ BAD = [
     ("POST", "/v1/fill", b'{"text": "a [MASK]", "detail": "yes"}', 400, '"detail" must be true or false'),
     ("POST", "/v1/fill", b'{"text": "a [MASK]\\ud800"}', 400, "lone surrogate (U+D800) at character 8"),
     ("POST", "/v1/fill", b'{"text": "a [MASK]", "options": {"choices": ["\\ud800"]}}', 400, "holds a lone surrogate"),
-    ("GET", "/nowhere", None, 404, "no such endpoint: /nowhere"),
+    ("GET", "/nowhere", None, 404, "no such endpoint: /nowhere (the endpoints are GET /health, GET /info, POST /, "
+                                   "POST /v1/fill, GET /metrics, GET /, GET /page/{name}, GET /docs, GET /openapi.json)"),
     ("GET", "/info/", None, 404, "no such endpoint: /info/"),  # not a redirect
     ("POST", "/health", b"{}", 405, "POST is not allowed on /health"),
     ("GET", "/v1/fill", None, 405, "GET is not allowed on /v1/fill"),
