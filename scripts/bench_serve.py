@@ -4,6 +4,7 @@ across concurrent requests against the library's own batching.
     python scripts/bench_serve.py [--runs 5] [--weights DIR]
     python scripts/bench_serve.py --dry-run     # the small test model, one run: checks the script works
     python scripts/bench_serve.py --modes       # (d)'s warm server throughput per CPU mode instead
+    python scripts/bench_serve.py --baseline DIR   # (d)'s server side: this tree against DIR's
 
 On full-size random weights in the reference layout (bench_cli's: a Hugging Face cache of
 its own, offline, holding them as `deepmind/language-perceiver`, so every side loads the
@@ -28,6 +29,10 @@ in-process.
 (float32, `--dtype bfloat16`: the mixed mode, `--quantize int8`), their concurrent rounds
 interleaved; lines per second (median of --runs) and the ratio to float32, and how many of
 the 16 fills equal float32's.
+
+`--baseline DIR` (a checkout of an earlier commit): (d)'s server side only, a server of
+this tree against a server of DIR's, both warm at once, rounds interleaved: what a change
+to the server costs in warm throughput.
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=Path(tempfile.gettempdir()) / "perceiver-bench-full")
     ap.add_argument("--dry-run", action="store_true", help="the small test model, one run: checks the script works")
     ap.add_argument("--modes", action="store_true", help="warm server throughput per CPU mode (float32, bfloat16, int8)")
+    ap.add_argument("--baseline", type=Path, default=None, help="an earlier checkout: (d)'s server side against its server")
     args = ap.parse_args()
     if args.dry_run:
         weights, args.runs = ROOT / "tests" / "assets" / "perceiver-small", 1
@@ -156,9 +162,13 @@ def main() -> None:
     # the small model of --dry-run has 128 positions: the script pads to the text, not to 2048
     script.write_text(MODEL_CARD.replace('padding="max_length"', 'padding="longest"') if args.dry_run else MODEL_CARD)
     lines = make_lines(16)
-    if args.modes:
+    if args.modes or args.baseline is not None:
+        sides = MODES if args.modes else {"this tree": (), f"baseline ({args.baseline})": ()}
+        envs = {name: env for name in sides}
+        if args.baseline is not None and not args.modes:
+            envs[f"baseline ({args.baseline})"] = {**env, "PYTHONPATH": str(args.baseline.resolve())}
         try:
-            modes(env, lines, args.runs)
+            modes(envs, sides, lines, args.runs, 'the small test model (dry run)' if args.dry_run else 'full-size random weights')
         finally:
             shutil.rmtree(home, ignore_errors=True)
         return
@@ -222,28 +232,32 @@ def main() -> None:
     print(f"| (d) 16 lines: one `MaskFiller.fill_many`, warm, in-process | {d_in:.2f} s | 1.00 | |")
 
 
-MODES = {"float32": (), "bfloat16 (mixed)": ("--dtype", "bfloat16"), "int8": ("--quantize", "int8")}
+MODES = {"float32": ("--no-access-log",), "bfloat16 (mixed)": ("--no-access-log", "--dtype", "bfloat16"),
+         "int8": ("--no-access-log", "--quantize", "int8")}
 
 
-def modes(env: dict, lines: list[str], runs: int) -> None:
-    """(d)'s server side for each CPU mode, the modes' rounds interleaved (see the docstring)."""
-    servers = {name: Server(env, REPO, "--no-access-log", *flags) for name, flags in MODES.items()}
+def modes(envs: dict[str, dict], sides: dict[str, tuple], lines: list[str], runs: int, weights: str) -> None:
+    """(d)'s server side for each of `sides` (a name: its server's flags, started in
+    `envs[name]`), their rounds interleaved (see the docstring). The first side is the base
+    of the ratios."""
+    servers = {name: Server(envs[name], REPO, *flags) for name, flags in sides.items()}
     try:
-        walls: dict[str, list[float]] = {name: [] for name in MODES}
+        walls: dict[str, list[float]] = {name: [] for name in sides}
         fills = {name: concurrent_round(server, lines)[1] for name, server in servers.items()}  # warm-up
         for _ in range(runs):
             for name, server in servers.items():
                 walls[name].append(concurrent_round(server, lines)[0])
     finally:
         codes = {name: server.stop() for name, server in servers.items()}
-    base = statistics.median(walls["float32"])
+    first = next(iter(sides))
+    base = statistics.median(walls[first])
     print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
-          f"full-size random weights, {runs} interleaved runs after a warm-up; servers exited {codes}\n")
-    print("| mode | 16 requests, 4 clients (median) | lines/s | vs float32 | fills equal float32's |")
+          f"{weights}, {runs} interleaved runs after a warm-up; servers exited {codes}\n")
+    print(f"| server | 16 requests, 4 clients (median) | lines/s | vs {first} | fills equal {first}'s |")
     print("|---|---|---|---|---|")
-    for name in MODES:
+    for name in sides:
         wall = statistics.median(walls[name])
-        same = sum(a == b for a, b in zip(fills[name], fills["float32"]))
+        same = sum(a == b for a, b in zip(fills[name], fills[first]))
         print(f"| {name} | {wall:.2f} s | {len(lines) / wall:.1f} | {base / wall:.2f}x | {same}/{len(lines)} |")
 
 
