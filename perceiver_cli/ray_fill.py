@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from typing import TYPE_CHECKING
 
 from .batch import CHUNK_BATCHES, Outcome, ProgressBar, Tally, can_redraw, fill_chunk, record
@@ -280,7 +282,7 @@ def run(inputs: list[Input], folder: OutputFolder, load: LoadOptions, fill: Fill
     writer = Writer(folder, inputs)
     if all(item.done for item in inputs):  # --resume: nothing left to fill, no Ray to start
         return writer.tally
-    with RaySession(ray, settings) as session:
+    with RaySession(ray, settings) as session, _interrupts() as seen:
         try:
             refs = [ray.put(_chunk_table(inputs, *c)) for c in read_chunks(inputs, load.batch_size * CHUNK_BATCHES)]
             if refs:
@@ -288,16 +290,42 @@ def run(inputs: list[Input], folder: OutputFolder, load: LoadOptions, fill: Fill
                 total = sum(item.lines - item.skip for item in inputs if not item.done)
                 _drain(ds, writer, ProgressBar(stderr if stderr is not None and can_redraw(stderr) else None, total))
             writer.finish()
-        except KeyboardInterrupt:
+        except BaseException as e:
+            if not (isinstance(e, KeyboardInterrupt) or seen):
+                writer.abandon()
+                raise
             writer.abandon(keep=True)
             if stderr is not None:
                 stderr.print(f"interrupted: {writer.files()} of {len(inputs)} files complete in {folder.directory}; "
                              "run again with --resume to go on", soft_wrap=True, markup=False, highlight=False)
-            raise
-        except BaseException:
-            writer.abandon()
-            raise
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise KeyboardInterrupt from e
     return writer.tally
+
+
+@contextlib.contextmanager
+def _interrupts():
+    """A list that holds the SIGINT once Ctrl-C came (the handler then does what it did).
+    Ray Data shuts its executor down as a KeyboardInterrupt passes through its iterator, and
+    a failure there can take the interrupt's place: a run that was interrupted stays one."""
+    seen: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _chunk_table(inputs: list[Input], file: int, first: int, lines: list):
