@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import time
 
 from .errors import PerceiverError
 from .options import OptionError, RayOptions
@@ -69,6 +71,7 @@ class RaySession:
             error.args = (f"{error} (Ray's own messages: {self.log})",)
         try:
             if self.started:
+                _settle()
                 self.ray.shutdown()
         finally:
             if self.saved is not None:
@@ -91,6 +94,20 @@ class RaySession:
                 os.unlink(self.log)
             except OSError:
                 pass
+
+
+SETTLE_S = 30.0  # at most this long for Ray Data's executor threads to end before ray.shutdown
+
+
+def _settle(timeout: float = SETTLE_S) -> None:
+    """Wait for Ray Data's executor threads (`StreamingExecutor-*`) that are still running
+    to end. A run interrupted by Ctrl-C (or failed) leaves its executor shutting down in
+    the background, and `ray.shutdown()` under it can end the whole process at once with
+    status 1 (seen under load: the interrupted run then exited 1 instead of 130)."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name.startswith("StreamingExecutor-") and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def check_local_resources(have: dict, settings: RayOptions) -> None:
