@@ -566,8 +566,8 @@ def test_the_actors_hold_each_line_to_the_runs_budget_and_name_its_flag(tiny_che
 
 def test_a_ctrl_c_is_remembered_while_ray_handles_it():
     """Ray Data shuts its executor down while a KeyboardInterrupt passes through its
-    iterator, and a failure there can take the interrupt's place (seen once in CI: exit 1
-    instead of 130): `run` asks `_interrupts` whether Ctrl-C came, whatever was raised."""
+    iterator, and a failure there could take the interrupt's place: `run` asks
+    `_interrupts` whether Ctrl-C came, whatever was raised."""
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         with rf._interrupts() as seen:
